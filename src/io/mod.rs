@@ -1,0 +1,3 @@
+//! File formats: safetensors (read zero-copy, write atomically) and training checkpoints.
+
+pub mod safetensors;

@@ -1,0 +1,5 @@
+//! Neural-network building blocks.
+
+pub mod params;
+
+pub use params::{Init, ParamStore};
