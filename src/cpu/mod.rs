@@ -4,7 +4,10 @@
 pub mod elementwise;
 pub mod index;
 pub mod matmul;
+pub mod norm;
 pub mod reduce;
+pub mod rope;
+pub mod softmax;
 
 use crate::dtype::DType;
 use crate::layout::Layout;
