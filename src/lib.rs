@@ -22,6 +22,7 @@ pub mod layout;
 pub mod nn;
 pub mod op;
 pub mod ops;
+pub mod optim;
 pub mod rng;
 pub mod shape;
 pub mod storage;

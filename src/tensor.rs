@@ -343,6 +343,33 @@ impl Tensor {
         Ok(())
     }
 
+    /// A private owned copy (not sharing storage or a memory map), with no graph.
+    pub fn copy(&self) -> Result<Tensor> {
+        let storage = self.storage().copy_strided(self.layout());
+        Ok(Tensor::from_storage(storage, self.shape().clone(), None))
+    }
+
+    /// Runs `f` on a variable's f32 values in place: the optimizers' update path, which must not allocate
+    /// a new tensor per parameter per step.
+    pub fn update_in_place<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
+        if !self.is_variable() || self.dtype() != DType::F32 {
+            crate::bail!(
+                "update_in_place",
+                "needs an f32 variable, got a {} tensor",
+                self.dtype()
+            );
+        }
+        let mut guard = self.0.storage.write().unwrap_or_else(|e| e.into_inner());
+        let Storage::Cpu(cpu) = &mut *guard;
+        if !matches!(cpu, CpuStorage::F32(_)) {
+            *cpu = CpuStorage::F32(cpu.to_f32_vec(self.layout()));
+        }
+        let CpuStorage::F32(v) = cpu else {
+            unreachable!("converted above")
+        };
+        Ok(f(v))
+    }
+
     /// The same values with no graph: gradients stop here.
     pub fn detach(&self) -> Tensor {
         Tensor::view_of(

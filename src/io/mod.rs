@@ -1,3 +1,8 @@
-//! File formats: safetensors (read zero-copy, write atomically) and training checkpoints.
+//! File formats: safetensors (read zero-copy, write atomically), tensors to and from safetensors, and
+//! training checkpoints.
 
+pub mod checkpoint;
 pub mod safetensors;
+pub mod tensors;
+
+pub use tensors::{load as load_safetensors, save as save_safetensors};

@@ -1,0 +1,181 @@
+//! Fully connected layer: y = x·Wᵀ + b with W stored [out, in] as PyTorch does, so checkpoints from other
+//! frameworks load without transposing.
+
+use super::params::{Init, ParamStore};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// A linear map with an optional bias. Parameters: `weight` [out, in] and, with a bias, `bias` [out].
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer initialised as `torch.nn.Linear` does: weight and bias uniform in ±1/√in.
+    pub fn new(params: &ParamStore, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let bound = 1.0 / (in_dim.max(1) as f32).sqrt();
+        Linear::with_init(
+            params,
+            in_dim,
+            out_dim,
+            bias,
+            Init::Uniform(bound),
+            Init::Uniform(bound),
+        )
+    }
+
+    /// A layer with explicit initialisers for the weight and (when present) the bias.
+    pub fn with_init(
+        params: &ParamStore,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        weight_init: Init,
+        bias_init: Init,
+    ) -> Result<Self> {
+        if in_dim == 0 || out_dim == 0 {
+            crate::bail!(
+                "Linear::new",
+                "dimensions must be positive, got in {in_dim}, out {out_dim}"
+            );
+        }
+        let weight = params.get_or_init("weight", (out_dim, in_dim), weight_init)?;
+        let bias = if bias {
+            Some(params.get_or_init("bias", out_dim, bias_init)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// A layer over existing tensors (weight [out, in], bias [out]).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let &[out_dim, _] = weight.dims() else {
+            crate::bail!(
+                "Linear::from_weights",
+                "weight must be [out, in], got shape {}",
+                weight.shape()
+            );
+        };
+        if let Some(b) = &bias {
+            if b.dims() != [out_dim] {
+                return Err(Error::ShapeMismatch {
+                    op: "Linear::from_weights",
+                    lhs: weight.dims().to_vec(),
+                    rhs: b.dims().to_vec(),
+                });
+            }
+        }
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x [..., in] -> [..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let Some((&in_dim, lead)) = x.dims().split_last() else {
+            crate::bail!("Linear::forward", "input must have at least one dim");
+        };
+        if in_dim != self.in_dim() {
+            return Err(Error::ShapeMismatch {
+                op: "Linear::forward",
+                lhs: x.dims().to_vec(),
+                rhs: self.weight.dims().to_vec(),
+            });
+        }
+        // One [rows, in] × [in, out] GEMM over all leading dims keeps the kernel's blocks full; Wᵀ is a
+        // strided view, never a copy.
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.add(b)?,
+            None => y,
+        };
+        y.reshape([lead, &[self.out_dim()]].concat())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DType, Device, Rng};
+
+    fn naive(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, i: usize, o: usize) -> Vec<f64> {
+        let mut y = vec![0f64; rows * o];
+        for r in 0..rows {
+            for j in 0..o {
+                let mut s = b.map_or(0.0, |b| b[j] as f64);
+                for k in 0..i {
+                    s += x[r * i + k] as f64 * w[j * i + k] as f64;
+                }
+                y[r * o + j] = s;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matches_naive_loop() -> Result<()> {
+        let ps = ParamStore::new(1, DType::F32, Device::Cpu);
+        let lin = Linear::new(&ps.pp("fc"), 5, 3, true)?;
+        assert_eq!(ps.all().len(), 2);
+        assert!(ps.get("fc.weight").is_some() && ps.get("fc.bias").is_some());
+        let x = Tensor::randn((2, 4, 5), 0.0, 1.0, &mut Rng::new(2), Device::Cpu)?;
+        let y = lin.forward(&x)?;
+        assert_eq!(y.dims(), [2, 4, 3]);
+        let want = naive(
+            &x.to_vec_f32(),
+            &lin.weight().to_vec_f32(),
+            Some(&lin.bias().unwrap().to_vec_f32()),
+            8,
+            5,
+            3,
+        );
+        for (g, w) in y.to_vec_f32().iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn without_bias_and_gradients() -> Result<()> {
+        let w = Tensor::from_vec(vec![1f32, 2., 3., 4., 5., 6.], (2, 3), Device::Cpu)?.var()?;
+        let lin = Linear::from_weights(w.clone(), None)?;
+        let x = Tensor::from_vec(vec![1f32, 0., -1.], (1, 3), Device::Cpu)?;
+        let y = lin.forward(&x)?;
+        assert_eq!(y.to_vec::<f32>()?, vec![-2., -2.]);
+        // d(sum y)/dW[j, k] = x[k] for every output j.
+        let g = y.sum_all()?.backward()?;
+        assert_eq!(
+            g.get(&w).unwrap().to_vec_f32(),
+            vec![1., 0., -1., 1., 0., -1.]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bad_input_is_an_error() -> Result<()> {
+        let ps = ParamStore::new(1, DType::F32, Device::Cpu);
+        let lin = Linear::new(&ps, 4, 2, false)?;
+        let x = Tensor::zeros((3, 5), DType::F32, Device::Cpu)?;
+        assert!(lin.forward(&x).is_err());
+        assert!(Linear::new(&ps.pp("z"), 0, 2, false).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! AdamW (Loshchilov & Hutter): Adam with decoupled weight decay, matching torch.optim.AdamW.
+
+use super::{restore, zeros_var, Optimizer};
+use crate::backprop::GradStore;
+use crate::error::Result;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    /// torch.optim.AdamW's defaults.
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+struct Slot {
+    name: String,
+    param: Tensor,
+    m: Tensor,
+    v: Tensor,
+}
+
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    t: u64,
+}
+
+impl AdamW {
+    /// Optimizes `params` (named variables, e.g. `ParamStore::all()`).
+    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Result<Self> {
+        let slots = params
+            .into_iter()
+            .map(|(name, param)| {
+                Ok(Slot {
+                    m: zeros_var(&param)?,
+                    v: zeros_var(&param)?,
+                    name,
+                    param,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(AdamW { cfg, slots, t: 0 })
+    }
+
+    pub fn config(&self) -> AdamWConfig {
+        self.cfg
+    }
+
+    /// Number of steps taken.
+    pub fn steps(&self) -> u64 {
+        self.t
+    }
+}
+
+/// One fused AdamW update of a parameter slice: p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + eps).
+#[allow(clippy::too_many_arguments)]
+fn update(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    cfg: &AdamWConfig,
+    bc1: f32,
+    bc2: f32,
+) {
+    let decay = 1.0 - cfg.lr * cfg.weight_decay;
+    let step = cfg.lr / bc1;
+    let body = |(((p, &g), m), v): (((&mut f32, &f32), &mut f32), &mut f32)| {
+        *m = cfg.beta1 * *m + (1.0 - cfg.beta1) * g;
+        *v = cfg.beta2 * *v + (1.0 - cfg.beta2) * g * g;
+        let denom = (*v / bc2).sqrt() + cfg.eps;
+        *p = *p * decay - step * *m / denom;
+    };
+    if p.len() >= crate::cpu::PAR_THRESHOLD {
+        p.par_iter_mut()
+            .zip(g)
+            .zip(m.par_iter_mut())
+            .zip(v.par_iter_mut())
+            .for_each(body);
+    } else {
+        p.iter_mut()
+            .zip(g)
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+            .for_each(body);
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.t += 1;
+        let bc1 = 1.0 - self.cfg.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.cfg.beta2.powi(self.t as i32);
+        for slot in &self.slots {
+            let Some(g) = grads.get(&slot.param) else {
+                continue;
+            };
+            let g = g.to_vec_f32();
+            let cfg = self.cfg;
+            slot.m.update_in_place(|m| {
+                slot.v.update_in_place(|v| {
+                    slot.param
+                        .update_in_place(|p| update(p, &g, m, v, &cfg, bc1, bc2))
+                })
+            })???;
+        }
+        Ok(())
+    }
+
+    fn lr(&self) -> f32 {
+        self.cfg.lr
+    }
+
+    fn set_lr(&mut self, lr: f32) {
+        self.cfg.lr = lr;
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(
+            "t".to_string(),
+            Tensor::from_vec(vec![self.t as i32], 1, crate::Device::Cpu)?,
+        )];
+        for s in &self.slots {
+            out.push((format!("{}.m", s.name), s.m.clone()));
+            out.push((format!("{}.v", s.name), s.v.clone()));
+        }
+        Ok(out)
+    }
+
+    fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        let t = state
+            .get("t")
+            .ok_or_else(|| crate::Error::InvalidArgument {
+                op: "AdamW::load_state",
+                msg: "missing step count t".into(),
+            })?;
+        self.t = t.to_vec_i64().first().copied().unwrap_or(0).max(0) as u64;
+        for s in &self.slots {
+            restore(state, &format!("{}.m", s.name), &s.m)?;
+            restore(state, &format!("{}.v", s.name), &s.v)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! SGD with momentum, matching torch.optim.SGD (dampening 0): b ← μ·b + g (+ wd·p), p ← p − lr·b.
+
+use super::{restore, zeros_var, Optimizer};
+use crate::backprop::GradStore;
+use crate::error::Result;
+use crate::tensor::Tensor;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdConfig {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub nesterov: bool,
+}
+
+pub struct Sgd {
+    cfg: SgdConfig,
+    slots: Vec<(String, Tensor, Tensor)>,
+}
+
+impl Sgd {
+    pub fn new(params: Vec<(String, Tensor)>, cfg: SgdConfig) -> Result<Self> {
+        let slots = params
+            .into_iter()
+            .map(|(n, p)| Ok((n, zeros_var(&p)?, p)))
+            .collect::<Result<_>>()?;
+        Ok(Sgd { cfg, slots })
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let cfg = self.cfg;
+        for (_, buf, p) in &self.slots {
+            let Some(g) = grads.get(p) else { continue };
+            let g = g.to_vec_f32();
+            buf.update_in_place(|b| {
+                p.update_in_place(|p| {
+                    for ((p, &g), b) in p.iter_mut().zip(&g).zip(b.iter_mut()) {
+                        let g = g + cfg.weight_decay * *p;
+                        *b = cfg.momentum * *b + g;
+                        let d = if cfg.nesterov {
+                            g + cfg.momentum * *b
+                        } else {
+                            *b
+                        };
+                        *p -= cfg.lr * d;
+                    }
+                })
+            })??;
+        }
+        Ok(())
+    }
+
+    fn lr(&self) -> f32 {
+        self.cfg.lr
+    }
+
+    fn set_lr(&mut self, lr: f32) {
+        self.cfg.lr = lr;
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .slots
+            .iter()
+            .map(|(n, b, _)| (format!("{n}.momentum"), b.clone()))
+            .collect())
+    }
+
+    fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (n, b, _) in &self.slots {
+            restore(state, &format!("{n}.momentum"), b)?;
+        }
+        Ok(())
+    }
+}
