@@ -34,6 +34,25 @@ pub(crate) struct Inner {
     is_variable: bool,
 }
 
+impl Drop for Inner {
+    /// Unlinks the graph iteratively: the default recursive drop of a long op chain (a loss accumulated
+    /// over many steps without `detach`) overflows the stack.
+    fn drop(&mut self) {
+        let Some(op) = self.op.take() else { return };
+        let mut pending: Vec<Tensor> = op.inputs().into_iter().cloned().collect();
+        drop(op);
+        while let Some(t) = pending.pop() {
+            // Only a node this thread holds the last reference to is freed here; take its op first so
+            // freeing it does not recurse.
+            if let Some(mut inner) = Arc::into_inner(t.0) {
+                if let Some(op) = inner.op.take() {
+                    pending.extend(op.inputs().into_iter().cloned());
+                }
+            }
+        }
+    }
+}
+
 /// An n-dimensional array. Cloning is cheap (reference counted); views share storage.
 #[derive(Clone)]
 pub struct Tensor(Arc<Inner>);
@@ -460,7 +479,7 @@ impl Tensor {
                 .filter(|&(j, _)| j != i)
                 .map(|(_, d)| d)
                 .product();
-            if rest == 0 || n % rest != 0 {
+            if rest == 0 || !n.is_multiple_of(rest) {
                 crate::bail!("reshape", "cannot infer a dim of {dims:?} for {n} elements");
             }
             dims[i] = n / rest;

@@ -287,14 +287,14 @@ impl<const K: usize> Walk<K> {
                 }
                 d -= 1;
                 idx[d] += 1;
-                for k in 0..K {
-                    offs[k] += self.strides[k][d];
+                for (o, s) in offs.iter_mut().zip(&self.strides) {
+                    *o += s[d];
                 }
                 if idx[d] < self.dims[d] {
                     break;
                 }
-                for k in 0..K {
-                    offs[k] -= self.strides[k][d] * self.dims[d];
+                for (o, s) in offs.iter_mut().zip(&self.strides) {
+                    *o -= s[d] * self.dims[d];
                 }
                 idx[d] = 0;
             }

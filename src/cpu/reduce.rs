@@ -52,7 +52,7 @@ pub fn rows<T: Send + Copy + Default>(
     f: impl Fn(&[f32]) -> T + Sync + Send,
 ) -> Vec<T> {
     if r == 0 {
-        return vec![T::default(); 0];
+        return Vec::new();
     }
     if x.len() >= PAR_THRESHOLD {
         x.par_chunks(r).map(&f).collect()

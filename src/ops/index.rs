@@ -51,45 +51,50 @@ impl Tensor {
         let (outer, size, inner) = split(self, d);
         let idx = indices(ids, size, "index_select")?;
         let src = self.contiguous()?;
+        // A contiguous view can still start past the storage's first element (a narrow of dim 0).
+        let range = src
+            .layout()
+            .contiguous_range()
+            .expect("contiguous() returned a contiguous view");
         let s = src.storage();
         let storage = match s.cpu().dtype() {
             DType::F32 => CpuStorage::F32(cpu::index::index_select(
-                s.cpu().as_f32().unwrap(),
+                &s.cpu().as_f32().unwrap()[range.clone()],
                 outer,
                 size,
                 inner,
                 &idx,
             )),
             DType::F16 => CpuStorage::F16(cpu::index::index_select(
-                s.cpu().as_f16().unwrap(),
+                &s.cpu().as_f16().unwrap()[range.clone()],
                 outer,
                 size,
                 inner,
                 &idx,
             )),
             DType::BF16 => CpuStorage::BF16(cpu::index::index_select(
-                s.cpu().as_bf16().unwrap(),
+                &s.cpu().as_bf16().unwrap()[range.clone()],
                 outer,
                 size,
                 inner,
                 &idx,
             )),
             DType::I32 => CpuStorage::I32(cpu::index::index_select(
-                s.cpu().as_i32().unwrap(),
+                &s.cpu().as_i32().unwrap()[range.clone()],
                 outer,
                 size,
                 inner,
                 &idx,
             )),
             DType::I8 => CpuStorage::I8(cpu::index::index_select(
-                s.cpu().as_i8().unwrap(),
+                &s.cpu().as_i8().unwrap()[range.clone()],
                 outer,
                 size,
                 inner,
                 &idx,
             )),
             DType::U8 => CpuStorage::U8(cpu::index::index_select(
-                s.cpu().as_u8().unwrap(),
+                &s.cpu().as_u8().unwrap()[range.clone()],
                 outer,
                 size,
                 inner,

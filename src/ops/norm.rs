@@ -72,7 +72,7 @@ impl Tensor {
                 });
             }
         }
-        if !(eps >= 0.0) {
+        if eps.is_nan() || eps < 0.0 {
             crate::bail!(op_name, "eps must be non-negative, got {eps}");
         }
         let mut inputs = vec![self];

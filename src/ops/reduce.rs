@@ -121,7 +121,14 @@ impl Tensor {
 
     fn arg_reduce(&self, dim: impl Dim, max: bool, keepdim: bool) -> Result<Tensor> {
         let d = dim.to_index(self.shape(), if max { "argmax" } else { "argmin" })?;
-        let (view, _, r, keep_shape) = self.reduce_view(&[d])?;
+        let (view, rows, r, keep_shape) = self.reduce_view(&[d])?;
+        if r == 0 && rows > 0 {
+            crate::bail!(
+                if max { "argmax" } else { "argmin" },
+                "dim {d} of shape {} is empty: no index to return",
+                self.shape()
+            );
+        }
         let storage = view.storage().arg_reduce(view.layout(), r, max)?;
         let out = Tensor::from_storage(storage, keep_shape, None);
         if keepdim {

@@ -41,14 +41,12 @@ impl RopeTable {
         device: Device,
     ) -> Result<RopeTable> {
         device.check()?;
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             crate::bail!("rope", "head_dim must be even and positive, got {head_dim}");
         }
-        if !(base > 1.0)
-            || !base.is_finite()
-            || !(position_scale > 0.0)
-            || !position_scale.is_finite()
-        {
+        let valid =
+            base.is_finite() && base > 1.0 && position_scale.is_finite() && position_scale > 0.0;
+        if !valid {
             crate::bail!(
                 "rope",
                 "base must be > 1 and position_scale > 0, got {base} and {position_scale}"
