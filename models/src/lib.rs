@@ -1,1 +1,13 @@
+//! # trit-models
+//!
+//! Architectures, training recipes and the `trit` command-line tool, built on the `trit` engine.
+//!
+//! - [`llama`]: a Llama-style decoder (RMSNorm, grouped-query attention with RoPE, SwiGLU).
+//! - [`data`]: the bundled King James Bible corpus and byte-level batching.
+//! - [`demo`]: the training run behind `trit demo` / `trit train` and the training benchmark.
+//! - [`bench`]: GEMM throughput against a peer measured in the same run (`trit bench matmul`).
 
+pub mod bench;
+pub mod data;
+pub mod demo;
+pub mod llama;

@@ -186,7 +186,13 @@ mod tests {
         let mlp = Mlp::new(&ps, &cfg(MlpKind::Gelu))?;
         for b in ["fc1.bias", "fc2.bias"] {
             let t = ps.get(b).unwrap();
-            t.set(&Tensor::randn(t.dims(), 0.0, 1.0, &mut Rng::new(8), Device::Cpu)?)?;
+            t.set(&Tensor::randn(
+                t.dims(),
+                0.0,
+                1.0,
+                &mut Rng::new(8),
+                Device::Cpu,
+            )?)?;
         }
         let x = Tensor::randn((5, 4), 0.0, 1.0, &mut Rng::new(9), Device::Cpu)?;
         let xv: Vec<f64> = x.to_vec_f32().iter().map(|&v| v as f64).collect();

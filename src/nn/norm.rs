@@ -103,12 +103,9 @@ mod tests {
             6,
             Device::Cpu,
         )?)?;
-        ps.get("ln.bias").unwrap().set(&Tensor::full(
-            0.25,
-            6,
-            DType::F32,
-            Device::Cpu,
-        )?)?;
+        ps.get("ln.bias")
+            .unwrap()
+            .set(&Tensor::full(0.25, 6, DType::F32, Device::Cpu)?)?;
         let x = Tensor::randn((3, 6), 1.0, 2.0, &mut Rng::new(3), Device::Cpu)?;
         let w = [1f64, 2., 0.5, -1., 1., 3.];
         check_rows(&ln.forward(&x)?.to_vec_f32(), &x.to_vec_f32(), 6, |r| {

@@ -1,0 +1,464 @@
+//! A Llama-style decoder-only transformer (Touvron et al., 2023): token embedding, a stack of pre-norm
+//! blocks (RMSNorm → grouped-query attention with rotary positions → residual; RMSNorm → SwiGLU MLP →
+//! residual), a final RMSNorm and an output projection that may share the embedding table.
+//!
+//! Parameter names follow Hugging Face's `LlamaForCausalLM` (`model.embed_tokens.weight`,
+//! `model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`) so its checkpoints map one to one.
+
+use std::fmt;
+use trit::nn::{
+    AttentionConfig, BlockConfig, DecoderBlock, Embedding, Init, Linear, MlpConfig, MlpKind,
+    NormKind, ParamStore, RmsNorm, Rotary,
+};
+use trit::ops::rope::{RopeStyle, RopeTable};
+use trit::{DType, Result, Rng, Tensor};
+
+/// The shape of a Llama model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    /// Query heads; head_dim = hidden / heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `heads`).
+    pub kv_heads: usize,
+    pub ffn_hidden: usize,
+    /// Longest sequence the rotary table covers.
+    pub max_seq: usize,
+    pub rope_base: f32,
+    /// Multiplies positions before rotation (1.0: plain RoPE; < 1: position interpolation).
+    pub rope_scale: f32,
+    pub norm_eps: f32,
+    /// Reuse the embedding table as the output projection.
+    pub tie_embeddings: bool,
+}
+
+/// The named presets the command line offers.
+pub const PRESETS: [&str; 3] = ["tiny", "small", "demo"];
+
+impl LlamaConfig {
+    /// 64 wide, 2 layers, 4 query / 2 key-value heads, byte vocabulary: ~0.1 M parameters, for tests.
+    pub fn tiny() -> Self {
+        LlamaConfig {
+            vocab_size: 256,
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            ffn_hidden: 192,
+            max_seq: 64,
+            rope_base: 10_000.0,
+            rope_scale: 1.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+        }
+    }
+
+    /// 128 wide, 4 layers, 4 heads, byte vocabulary: ~0.8 M parameters.
+    pub fn small() -> Self {
+        LlamaConfig {
+            hidden: 128,
+            layers: 4,
+            heads: 4,
+            kv_heads: 4,
+            ffn_hidden: 384,
+            max_seq: 128,
+            ..LlamaConfig::tiny()
+        }
+    }
+
+    /// The shape of the project's training benchmark (anchors.md): 256 wide, 4 layers, 4 heads, FFN 768,
+    /// byte vocabulary, sequences of 256, tied embeddings: ~3.5 M parameters.
+    pub fn demo() -> Self {
+        LlamaConfig {
+            hidden: 256,
+            layers: 4,
+            heads: 4,
+            kv_heads: 4,
+            ffn_hidden: 768,
+            max_seq: 256,
+            ..LlamaConfig::tiny()
+        }
+    }
+
+    /// A preset by name (`tiny`, `small` or `demo`).
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "tiny" => Ok(LlamaConfig::tiny()),
+            "small" => Ok(LlamaConfig::small()),
+            "demo" => Ok(LlamaConfig::demo()),
+            _ => trit::bail!(
+                "LlamaConfig::preset",
+                "unknown model size {name:?}; choose one of {}",
+                PRESETS.join(", ")
+            ),
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads.max(1)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            self.vocab_size,
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            self.ffn_hidden,
+            self.max_seq,
+        ];
+        if positive.contains(&0) {
+            trit::bail!("Llama::new", "every size must be positive: {self}");
+        }
+        if !self.hidden.is_multiple_of(self.heads) || !self.heads.is_multiple_of(self.kv_heads) {
+            trit::bail!(
+                "Llama::new",
+                "hidden must divide into heads and heads into kv_heads: {self}"
+            );
+        }
+        Ok(())
+    }
+
+    fn block(&self) -> Result<BlockConfig> {
+        // GPT-2's initialisation: N(0, 0.02), with the projections that write into the residual stream
+        // scaled by 1/√(2·layers) so the stream's variance does not grow with depth.
+        let init = Init::Normal(0.02);
+        let out_init = Init::Normal(0.02 / (2.0 * self.layers as f32).sqrt());
+        let mut attn = AttentionConfig::new(self.hidden, self.heads, self.kv_heads)?;
+        attn.init = init;
+        attn.out_init = out_init;
+        Ok(BlockConfig {
+            attn,
+            mlp: MlpConfig {
+                kind: MlpKind::SwiGlu,
+                hidden: self.hidden,
+                ffn_hidden: self.ffn_hidden,
+                init,
+                out_init,
+            },
+            norm: NormKind::RmsNorm,
+            norm_eps: self.norm_eps,
+        })
+    }
+}
+
+impl fmt::Display for LlamaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "d {} × {} layers, {} heads ({} kv), ffn {}, vocab {}, max_seq {}",
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            self.ffn_hidden,
+            self.vocab_size,
+            self.max_seq
+        )
+    }
+}
+
+/// The model. Build it on a [`ParamStore`]; its parameters live there (for optimizers and checkpoints).
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderBlock>,
+    norm: RmsNorm,
+    /// `None` when the output projection is the embedding table.
+    lm_head: Option<Linear>,
+    rope: RopeTable,
+}
+
+impl Llama {
+    pub fn new(params: &ParamStore, cfg: LlamaConfig) -> Result<Self> {
+        cfg.validate()?;
+        let model = params.pp("model");
+        let embed_tokens = Embedding::with_init(
+            &model.pp("embed_tokens"),
+            cfg.vocab_size,
+            cfg.hidden,
+            Init::Normal(0.02),
+        )?;
+        let block = cfg.block()?;
+        let layers = (0..cfg.layers)
+            .map(|i| DecoderBlock::new(&model.pp(format!("layers.{i}")), &block))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(&model.pp("norm"), cfg.hidden, cfg.norm_eps)?;
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(Linear::with_init(
+                &params.pp("lm_head"),
+                cfg.hidden,
+                cfg.vocab_size,
+                false,
+                Init::Normal(0.02),
+                Init::Zeros,
+            )?)
+        };
+        let rope = RopeTable::new(
+            cfg.head_dim(),
+            cfg.max_seq,
+            cfg.rope_base,
+            cfg.rope_scale,
+            RopeStyle::Half,
+            params.device(),
+        )?;
+        Ok(Llama {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// `ids [batch, seq]` (integers below vocab_size, seq ≤ max_seq) -> logits `[batch, seq, vocab]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let &[_, seq] = ids.dims() else {
+            trit::bail!(
+                "Llama::forward",
+                "ids must be [batch, seq], got shape {}",
+                ids.shape()
+            );
+        };
+        if seq == 0 || seq > self.cfg.max_seq {
+            trit::bail!(
+                "Llama::forward",
+                "sequence length {seq} is outside 1..={}",
+                self.cfg.max_seq
+            );
+        }
+        let positions = Tensor::arange(0, seq as i64, ids.device())?;
+        let rotary = Rotary {
+            table: &self.rope,
+            positions: &positions,
+        };
+        let mut x = self.embed_tokens.forward(ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, Some(rotary), true)?;
+        }
+        let x = self.norm.forward(&x)?;
+        match &self.lm_head {
+            Some(head) => head.forward(&x),
+            None => self.embed_tokens.unembed(&x),
+        }
+    }
+
+    /// Mean next-token cross-entropy of `forward(ids)` against `targets [batch, seq]`.
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(ids)?;
+        let rows = logits.elem_count() / self.cfg.vocab_size;
+        logits
+            .reshape((rows, self.cfg.vocab_size))?
+            .cross_entropy(&targets.flatten_all()?, None)
+    }
+
+    /// Continues `prompt` by `n` tokens and returns the new ones. Temperature 0 picks the most likely token
+    /// (greedy); otherwise tokens are sampled from softmax(logits / temperature), restricted to the
+    /// `top_k` most likely when given. The context is the last `max_seq` tokens, re-run in full each step.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        n: usize,
+        temperature: f32,
+        top_k: Option<usize>,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            trit::bail!("Llama::generate", "the prompt must have at least one token");
+        }
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            trit::bail!(
+                "Llama::generate",
+                "prompt token {t} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        if !temperature.is_finite() || temperature < 0.0 {
+            trit::bail!(
+                "Llama::generate",
+                "temperature must be finite and ≥ 0, got {temperature}"
+            );
+        }
+        if top_k == Some(0) {
+            trit::bail!("Llama::generate", "top_k must be at least 1");
+        }
+        let _no_grad = trit::no_grad();
+        let mut tokens = prompt.to_vec();
+        for _ in 0..n {
+            let ctx = &tokens[tokens.len().saturating_sub(self.cfg.max_seq)..];
+            let ids: Vec<i32> = ctx.iter().map(|&t| t as i32).collect();
+            let ids = Tensor::from_vec(ids, (1, ctx.len()), self.device())?;
+            let logits = self
+                .forward(&ids)?
+                .narrow(1, ctx.len() - 1, 1)?
+                .to_dtype(DType::F32)?
+                .to_vec::<f32>()?;
+            tokens.push(sample(&logits, temperature, top_k, rng));
+        }
+        Ok(tokens.split_off(prompt.len()))
+    }
+
+    fn device(&self) -> trit::Device {
+        self.embed_tokens.weight().device()
+    }
+}
+
+/// Picks a token from one row of logits (see [`Llama::generate`]).
+fn sample(logits: &[f32], temperature: f32, top_k: Option<usize>, rng: &mut Rng) -> u32 {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if temperature == 0.0 {
+        return order[0] as u32;
+    }
+    order.truncate(top_k.unwrap_or(order.len()));
+    let max = logits[order[0]] as f64;
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / temperature as f64).exp())
+        .collect();
+    let mut u = rng.uniform_f64() * weights.iter().sum::<f64>();
+    for (&i, w) in order.iter().zip(&weights) {
+        if u < *w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    // Rounding can leave u a hair above the last weight; the last candidate is then the right pick.
+    order[order.len() - 1] as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trit::Device;
+
+    fn tiny() -> Result<(ParamStore, Llama)> {
+        let ps = ParamStore::new(0, DType::F32, Device::Cpu);
+        let model = Llama::new(&ps, LlamaConfig::tiny())?;
+        Ok((ps, model))
+    }
+
+    #[test]
+    fn demo_preset_has_the_benchmark_parameter_count() -> Result<()> {
+        let ps = ParamStore::new(0, DType::F32, Device::Cpu);
+        Llama::new(&ps, LlamaConfig::demo())?;
+        // embed 256·256 + 4 × (attn 4·256² + mlp 3·256·768 + 2 norms·256) + final norm 256.
+        assert_eq!(
+            ps.num_parameters(),
+            65_536 + 4 * (262_144 + 589_824 + 512) + 256
+        );
+        assert!(ps.get("model.layers.3.mlp.down_proj.weight").is_some());
+        assert!(ps.get("lm_head.weight").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn untied_model_has_an_lm_head_and_presets_are_checked() -> Result<()> {
+        let ps = ParamStore::new(0, DType::F32, Device::Cpu);
+        let cfg = LlamaConfig {
+            tie_embeddings: false,
+            ..LlamaConfig::tiny()
+        };
+        Llama::new(&ps, cfg)?;
+        assert_eq!(ps.get("lm_head.weight").unwrap().dims(), [256, 64]);
+        assert_eq!(LlamaConfig::preset("small")?, LlamaConfig::small());
+        let err = LlamaConfig::preset("huge").unwrap_err().to_string();
+        assert!(err.contains("tiny, small, demo"), "{err}");
+        let bad = LlamaConfig {
+            kv_heads: 3,
+            ..LlamaConfig::tiny()
+        };
+        assert!(Llama::new(&ParamStore::new(0, DType::F32, Device::Cpu), bad).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn forward_shapes_initial_loss_and_causality() -> Result<()> {
+        let (_, model) = tiny()?;
+        let tokens: Vec<i32> = (0..2 * 10).map(|i| i * 37 % 255).collect();
+        let ids = Tensor::from_vec(tokens.clone(), (2, 10), Device::Cpu)?;
+        let logits = model.forward(&ids)?;
+        assert_eq!(logits.dims(), [2, 10, 256]);
+        // Small initial weights give near-uniform predictions: loss ≈ ln 256. (Targets differ from the
+        // inputs: with tied embeddings a token predicting itself scores |e|·√d above the rest.)
+        let next: Vec<i32> = tokens.iter().map(|t| t + 1).collect();
+        let targets = Tensor::from_vec(next, (2, 10), Device::Cpu)?;
+        let loss = model.loss(&ids, &targets)?.to_scalar()?;
+        assert!((loss - 256f32.ln()).abs() < 0.05, "{loss}");
+        // Changing the last token leaves every earlier position's logits unchanged.
+        let mut changed = tokens;
+        changed[9] = 1;
+        let changed = Tensor::from_vec(changed, (2, 10), Device::Cpu)?;
+        let (a, b) = (logits.to_vec_f32(), model.forward(&changed)?.to_vec_f32());
+        assert_eq!(a[..9 * 256], b[..9 * 256]);
+        assert_ne!(a[9 * 256..10 * 256], b[9 * 256..10 * 256]);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() -> Result<()> {
+        let (_, model) = tiny()?;
+        let too_long = Tensor::zeros((1, 65), DType::I32, Device::Cpu)?;
+        assert!(model.forward(&too_long).is_err());
+        let out_of_vocab = Tensor::from_vec(vec![256i32], (1, 1), Device::Cpu)?;
+        assert!(model.forward(&out_of_vocab).is_err());
+        let mut rng = Rng::new(0);
+        assert!(model.generate(&[], 3, 0.0, None, &mut rng).is_err());
+        assert!(model.generate(&[300], 3, 0.0, None, &mut rng).is_err());
+        assert!(model.generate(&[1], 3, -1.0, None, &mut rng).is_err());
+        assert!(model.generate(&[1], 3, 1.0, Some(0), &mut rng).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn generation_is_greedy_at_zero_temperature_and_seeded_otherwise() -> Result<()> {
+        let (_, model) = tiny()?;
+        let prompt = [65u32, 110, 100];
+        let greedy = model.generate(&prompt, 5, 0.0, None, &mut Rng::new(1))?;
+        assert_eq!(greedy.len(), 5);
+        // Greedy: each token is the argmax of a full forward over what came before.
+        let mut seq = prompt.to_vec();
+        for &t in &greedy {
+            let ids: Vec<i32> = seq.iter().map(|&t| t as i32).collect();
+            let ids = Tensor::from_vec(ids, (1, seq.len()), Device::Cpu)?;
+            let last = model
+                .forward(&ids)?
+                .narrow(1, seq.len() - 1, 1)?
+                .flatten_all()?;
+            assert_eq!(last.argmax(0)?.to_vec_i64(), vec![t as i64]);
+            seq.push(t);
+        }
+        let a = model.generate(&prompt, 8, 1.0, Some(10), &mut Rng::new(2))?;
+        let b = model.generate(&prompt, 8, 1.0, Some(10), &mut Rng::new(2))?;
+        assert_eq!(a, b);
+        // Longer than max_seq: the context slides.
+        assert_eq!(
+            model.generate(&[1], 70, 0.0, None, &mut Rng::new(3))?.len(),
+            70
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn sampling_respects_top_k_and_temperature() {
+        let logits = [0.0f32, 5.0, 4.9, -3.0];
+        let mut rng = Rng::new(4);
+        for _ in 0..200 {
+            let t = sample(&logits, 1.0, Some(2), &mut rng);
+            assert!(t == 1 || t == 2);
+        }
+        assert_eq!(sample(&logits, 0.0, Some(3), &mut rng), 1);
+        // A very low temperature concentrates on the argmax.
+        assert!((0..50).all(|_| sample(&logits, 0.01, None, &mut rng) == 1));
+    }
+}

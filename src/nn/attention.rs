@@ -1,0 +1,398 @@
+//! Multi-head self-attention with grouped-query heads (GQA), optional rotary positions and a causal mask.
+//!
+//! This is the plain formulation — scores = q·kᵀ/√d + mask, softmax, ·v — built from primitive ops so its
+//! gradient comes from autograd; a fused kernel can replace the middle without changing the module.
+
+use super::linear::Linear;
+use super::params::{Init, ParamStore};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ops::rope::RopeTable;
+use crate::storage::Device;
+use crate::tensor::Tensor;
+
+/// Sizes and initialisation of an attention layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionConfig {
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; `heads` must be a multiple. Equal to `heads` for plain multi-head attention, 1
+    /// for multi-query attention.
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Biases on the q/k/v/o projections (GPT-2, BERT) or none (Llama).
+    pub bias: bool,
+    /// Initialiser of the q/k/v projections.
+    pub init: Init,
+    /// Initialiser of the output projection, which writes into the residual stream.
+    pub out_init: Init,
+}
+
+impl AttentionConfig {
+    /// `heads` query heads of `hidden / heads` dims each, sharing `kv_heads` key/value heads; no biases,
+    /// weights N(0, 0.02).
+    pub fn new(hidden: usize, heads: usize, kv_heads: usize) -> Result<Self> {
+        if heads == 0 || !hidden.is_multiple_of(heads) {
+            crate::bail!(
+                "AttentionConfig",
+                "hidden {hidden} is not divisible by {heads} heads"
+            );
+        }
+        Ok(AttentionConfig {
+            hidden,
+            heads,
+            kv_heads,
+            head_dim: hidden / heads,
+            bias: false,
+            init: Init::Normal(0.02),
+            out_init: Init::Normal(0.02),
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ok = self.hidden > 0
+            && self.head_dim > 0
+            && self.kv_heads > 0
+            && self.heads >= self.kv_heads
+            && self.heads.is_multiple_of(self.kv_heads);
+        if !ok {
+            crate::bail!(
+                "Attention::new",
+                "need hidden, head_dim > 0 and heads a positive multiple of kv_heads; got hidden {}, \
+                 heads {}, kv_heads {}, head_dim {}",
+                self.hidden,
+                self.heads,
+                self.kv_heads,
+                self.head_dim
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The additive causal mask [seq, seq]: 0 where key position ≤ query position, −∞ above the diagonal, so
+/// softmax gives future tokens exactly zero weight.
+pub fn causal_mask(seq: usize, dtype: DType, device: Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..seq * seq)
+        .map(|i| {
+            if i % seq > i / seq {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (seq, seq), device)?.to_dtype(dtype)
+}
+
+/// Rotary positions for an attention call: the cached table and the position of each token ([seq] or
+/// [batch, seq] integers).
+#[derive(Clone, Copy, Debug)]
+pub struct Rotary<'a> {
+    pub table: &'a RopeTable,
+    pub positions: &'a Tensor,
+}
+
+/// Self-attention. Parameters (Hugging Face names): `q_proj` [heads·d, hidden], `k_proj` and `v_proj`
+/// [kv_heads·d, hidden], `o_proj` [hidden, heads·d].
+#[derive(Clone, Debug)]
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn new(params: &ParamStore, cfg: &AttentionConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (h, q_dim, kv_dim) = (
+            cfg.hidden,
+            cfg.heads * cfg.head_dim,
+            cfg.kv_heads * cfg.head_dim,
+        );
+        let lin = |name: &str, i, o, init| {
+            Linear::with_init(&params.pp(name), i, o, cfg.bias, init, Init::Zeros)
+        };
+        Ok(Attention {
+            q: lin("q_proj", h, q_dim, cfg.init)?,
+            k: lin("k_proj", h, kv_dim, cfg.init)?,
+            v: lin("v_proj", h, kv_dim, cfg.init)?,
+            o: lin("o_proj", q_dim, h, cfg.out_init)?,
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// `x [batch, seq, hidden] -> [batch, seq, hidden]`. With `causal`, position t attends to 0..=t only.
+    pub fn forward(&self, x: &Tensor, rotary: Option<Rotary>, causal: bool) -> Result<Tensor> {
+        let &[b, s, hidden] = x.dims() else {
+            crate::bail!(
+                "Attention::forward",
+                "expected [batch, seq, hidden], got shape {}",
+                x.shape()
+            );
+        };
+        if hidden != self.q.in_dim() {
+            return Err(Error::ShapeMismatch {
+                op: "Attention::forward",
+                lhs: x.dims().to_vec(),
+                rhs: vec![b, s, self.q.in_dim()],
+            });
+        }
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let split_heads = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2);
+        let q = split_heads(self.q.forward(x)?, h)?;
+        let k = split_heads(self.k.forward(x)?, kvh)?;
+        let v = split_heads(self.v.forward(x)?, kvh)?;
+        let (q, k) = match rotary {
+            Some(r) => (q.rope(r.table, r.positions)?, k.rope(r.table, r.positions)?),
+            None => (q, k),
+        };
+        // Scaling q (b·h·s·d values) is cheaper than scaling the scores (b·h·s·s).
+        let q = q.mul_scalar(1.0 / (d as f32).sqrt())?.contiguous()?;
+        // GQA without copying k/v: query head i uses kv head i / rep, so the `rep` query heads of one kv
+        // head stack into one [rep·s, d] matrix that multiplies that head's k and v directly.
+        let rep = h / kvh;
+        let q = q.reshape((b, kvh, rep * s, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape([b, kvh, rep, s, s])?;
+        let scores = if causal {
+            scores.add(&causal_mask(s, scores.dtype(), scores.device())?)?
+        } else {
+            scores
+        };
+        let probs = scores.softmax(-1)?.reshape((b, kvh, rep * s, s))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, h, s, d))?
+            .transpose(1, 2)?
+            .reshape((b, s, h * d))?;
+        self.o.forward(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::rope::RopeStyle;
+    use crate::{DType, Device, Rng};
+
+    const BASE: f32 = 10_000.0;
+
+    fn f64s(t: &Tensor) -> Vec<f64> {
+        t.to_vec_f32().iter().map(|&v| v as f64).collect()
+    }
+
+    /// x [rows, i] · w [o, i]ᵀ.
+    fn lin(x: &[f64], w: &[f64], i: usize) -> Vec<f64> {
+        let o = w.len() / i;
+        x.chunks(i)
+            .flat_map(|r| (0..o).map(move |j| (0..i).map(|k| r[k] * w[j * i + k]).sum::<f64>()))
+            .collect()
+    }
+
+    /// Rotates one head vector at position p, pairing dims (i, i + d/2) as `RopeStyle::Half` does.
+    fn rope(x: &mut [f64], p: usize) {
+        let d = x.len();
+        for i in 0..d / 2 {
+            let a = p as f64 * (BASE as f64).powf(-2.0 * i as f64 / d as f64);
+            let (x0, x1) = (x[i], x[i + d / 2]);
+            x[i] = x0 * a.cos() - x1 * a.sin();
+            x[i + d / 2] = x0 * a.sin() + x1 * a.cos();
+        }
+    }
+
+    /// Naive per-head attention in f64 straight from the definitions.
+    fn reference(
+        ps: &ParamStore,
+        x: &Tensor,
+        (h, kvh, d): (usize, usize, usize),
+        causal: bool,
+    ) -> Vec<f64> {
+        let &[b, s, hidden] = x.dims() else {
+            unreachable!()
+        };
+        let w = |n: &str| f64s(&ps.get(&format!("{n}_proj.weight")).unwrap());
+        let xv = f64s(x);
+        let (q, k, v) = (
+            lin(&xv, &w("q"), hidden),
+            lin(&xv, &w("k"), hidden),
+            lin(&xv, &w("v"), hidden),
+        );
+        let mut out = vec![0f64; b * s * h * d];
+        for bi in 0..b {
+            for hi in 0..h {
+                let kv = hi / (h / kvh);
+                // Head `j` of `n` at token t, rotated when `rotate`.
+                let head = |m: &[f64], n: usize, j: usize, t: usize, rotate: bool| {
+                    let mut r = m[((bi * s + t) * n + j) * d..][..d].to_vec();
+                    if rotate {
+                        rope(&mut r, t);
+                    }
+                    r
+                };
+                for t in 0..s {
+                    let qt = head(&q, h, hi, t, true);
+                    let keys = if causal { t + 1 } else { s };
+                    let scores: Vec<f64> = (0..keys)
+                        .map(|u| {
+                            let ku = head(&k, kvh, kv, u, true);
+                            qt.iter().zip(&ku).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for (u, eu) in e.iter().enumerate() {
+                        let vu = head(&v, kvh, kv, u, false);
+                        for j in 0..d {
+                            out[(bi * s + t) * h * d + hi * d + j] += eu / z * vu[j];
+                        }
+                    }
+                }
+            }
+        }
+        lin(&out, &w("o"), h * d)
+    }
+
+    fn setup(h: usize, kvh: usize, seed: u64) -> Result<(ParamStore, Attention, RopeTable)> {
+        let ps = ParamStore::new(seed, DType::F32, Device::Cpu);
+        let mut cfg = AttentionConfig::new(16, h, kvh)?;
+        cfg.init = Init::Normal(0.3);
+        cfg.out_init = Init::Normal(0.3);
+        let attn = Attention::new(&ps, &cfg)?;
+        let table = RopeTable::new(16 / h, 32, BASE, 1.0, RopeStyle::Half, Device::Cpu)?;
+        Ok((ps, attn, table))
+    }
+
+    #[test]
+    fn matches_naive_reference_for_mha_and_gqa() -> Result<()> {
+        for (h, kvh, causal) in [(4, 4, true), (4, 2, true), (4, 1, false), (2, 2, false)] {
+            let (ps, attn, table) = setup(h, kvh, 11)?;
+            let x = Tensor::randn((2, 5, 16), 0.0, 1.0, &mut Rng::new(12), Device::Cpu)?;
+            let pos = Tensor::arange(0, 5, Device::Cpu)?;
+            let rotary = Rotary {
+                table: &table,
+                positions: &pos,
+            };
+            let y = attn.forward(&x, Some(rotary), causal)?;
+            assert_eq!(y.dims(), [2, 5, 16]);
+            let want = reference(&ps, &x, (h, kvh, 16 / h), causal);
+            for (g, w) in y.to_vec_f32().iter().zip(&want) {
+                assert!(
+                    (*g as f64 - w).abs() < 1e-4,
+                    "h {h} kv {kvh} causal {causal}: {g} vs {w}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_output_ignores_later_tokens() -> Result<()> {
+        let (_, attn, table) = setup(4, 2, 3)?;
+        let pos = Tensor::arange(0, 6, Device::Cpu)?;
+        let rotary = Rotary {
+            table: &table,
+            positions: &pos,
+        };
+        let x = Tensor::randn((1, 6, 16), 0.0, 1.0, &mut Rng::new(4), Device::Cpu)?;
+        // Replace tokens 4 and 5 only.
+        let tail = Tensor::randn((1, 2, 16), 0.0, 1.0, &mut Rng::new(5), Device::Cpu)?;
+        let x2 = Tensor::cat(&[x.narrow(1, 0, 4)?, tail], 1)?;
+        let (y, y2) = (
+            attn.forward(&x, Some(rotary), true)?,
+            attn.forward(&x2, Some(rotary), true)?,
+        );
+        let (a, b) = (y.to_vec_f32(), y2.to_vec_f32());
+        assert_eq!(a[..4 * 16], b[..4 * 16]);
+        assert_ne!(a[4 * 16..], b[4 * 16..]);
+        Ok(())
+    }
+
+    #[test]
+    fn every_projection_gets_a_gradient() -> Result<()> {
+        let (ps, attn, table) = setup(4, 2, 6)?;
+        let pos = Tensor::arange(0, 3, Device::Cpu)?;
+        let rotary = Rotary {
+            table: &table,
+            positions: &pos,
+        };
+        let x = Tensor::randn((2, 3, 16), 0.0, 1.0, &mut Rng::new(7), Device::Cpu)?;
+        let grads = attn
+            .forward(&x, Some(rotary), true)?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
+        for (name, p) in ps.all() {
+            let g = grads.get(&p).expect("gradient present");
+            assert!(
+                g.to_vec_f32().iter().any(|v| *v != 0.0),
+                "{name} has a zero gradient"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        let (ps, attn, table) = setup(4, 2, 8)?;
+        let pos = Tensor::arange(0, 4, Device::Cpu)?;
+        let rotary = Some(Rotary {
+            table: &table,
+            positions: &pos,
+        });
+        let x = Tensor::randn((2, 4, 16), 0.0, 1.0, &mut Rng::new(9), Device::Cpu)?;
+        let r = Tensor::randn((2, 4, 16), 0.0, 1.0, &mut Rng::new(10), Device::Cpu)?;
+        // A random projection of the output, so every output element matters to the loss.
+        let loss = || -> Result<f32> {
+            attn.forward(&x, rotary, true)?
+                .mul(&r)?
+                .sum_all()?
+                .to_scalar()
+        };
+        let grads = attn
+            .forward(&x, rotary, true)?
+            .mul(&r)?
+            .sum_all()?
+            .backward()?;
+        let eps = 1e-2;
+        for (name, p) in ps.all() {
+            let analytic = grads.get(&p).unwrap().to_vec_f32();
+            let orig = p.to_vec_f32();
+            for i in [0, orig.len() / 3, orig.len() - 1] {
+                let mut bumped = orig.clone();
+                bumped[i] = orig[i] + eps;
+                p.set(&Tensor::from_vec(bumped.clone(), p.dims(), Device::Cpu)?)?;
+                let up = loss()?;
+                bumped[i] = orig[i] - eps;
+                p.set(&Tensor::from_vec(bumped, p.dims(), Device::Cpu)?)?;
+                let down = loss()?;
+                p.set(&Tensor::from_vec(orig.clone(), p.dims(), Device::Cpu)?)?;
+                let numeric = (up - down) / (2.0 * eps);
+                assert!(
+                    (numeric - analytic[i]).abs() < 2e-2 * (1.0 + analytic[i].abs()),
+                    "{name}[{i}]: numeric {numeric} vs analytic {}",
+                    analytic[i]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_configs_and_inputs_are_errors() -> Result<()> {
+        assert!(AttentionConfig::new(16, 3, 3).is_err());
+        let ps = ParamStore::new(0, DType::F32, Device::Cpu);
+        assert!(Attention::new(&ps, &AttentionConfig::new(16, 4, 3)?).is_err());
+        let (_, attn, _) = setup(4, 4, 0)?;
+        let x = Tensor::zeros((2, 3, 8), DType::F32, Device::Cpu)?;
+        assert!(attn.forward(&x, None, true).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! Pre-norm transformer decoder block: h = x + attn(norm₁(x)); out = h + mlp(norm₂(h)).
+
+use super::attention::{Attention, AttentionConfig, Rotary};
+use super::mlp::{Mlp, MlpConfig};
+use super::norm::{Norm, NormKind};
+use super::params::ParamStore;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// Everything that shapes one block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockConfig {
+    pub attn: AttentionConfig,
+    pub mlp: MlpConfig,
+    pub norm: NormKind,
+    pub norm_eps: f32,
+}
+
+/// One decoder layer. Parameters (Hugging Face Llama names): `input_layernorm`, `self_attn`,
+/// `post_attention_layernorm`, `mlp`.
+#[derive(Clone, Debug)]
+pub struct DecoderBlock {
+    attn_norm: Norm,
+    attn: Attention,
+    mlp_norm: Norm,
+    mlp: Mlp,
+}
+
+impl DecoderBlock {
+    pub fn new(params: &ParamStore, cfg: &BlockConfig) -> Result<Self> {
+        let hidden = cfg.attn.hidden;
+        if cfg.mlp.hidden != hidden {
+            crate::bail!(
+                "DecoderBlock::new",
+                "attention width {hidden} differs from MLP width {}",
+                cfg.mlp.hidden
+            );
+        }
+        Ok(DecoderBlock {
+            attn_norm: Norm::new(
+                &params.pp("input_layernorm"),
+                cfg.norm,
+                hidden,
+                cfg.norm_eps,
+            )?,
+            attn: Attention::new(&params.pp("self_attn"), &cfg.attn)?,
+            mlp_norm: Norm::new(
+                &params.pp("post_attention_layernorm"),
+                cfg.norm,
+                hidden,
+                cfg.norm_eps,
+            )?,
+            mlp: Mlp::new(&params.pp("mlp"), &cfg.mlp)?,
+        })
+    }
+
+    /// `x [batch, seq, hidden] -> [batch, seq, hidden]`.
+    pub fn forward(&self, x: &Tensor, rotary: Option<Rotary>, causal: bool) -> Result<Tensor> {
+        let h = x.add(
+            &self
+                .attn
+                .forward(&self.attn_norm.forward(x)?, rotary, causal)?,
+        )?;
+        h.add(&self.mlp.forward(&self.mlp_norm.forward(&h)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::mlp::MlpKind;
+    use crate::nn::params::Init;
+    use crate::ops::rope::{RopeStyle, RopeTable};
+    use crate::{DType, Device, Rng};
+
+    fn config(out_init: Init) -> Result<BlockConfig> {
+        let mut attn = AttentionConfig::new(16, 4, 2)?;
+        attn.init = Init::Normal(0.2);
+        attn.out_init = out_init;
+        Ok(BlockConfig {
+            attn,
+            mlp: MlpConfig {
+                kind: MlpKind::SwiGlu,
+                hidden: 16,
+                ffn_hidden: 24,
+                init: Init::Normal(0.2),
+                out_init,
+            },
+            norm: NormKind::RmsNorm,
+            norm_eps: 1e-5,
+        })
+    }
+
+    #[test]
+    fn equals_its_parts_composed() -> Result<()> {
+        let ps = ParamStore::new(1, DType::F32, Device::Cpu);
+        let cfg = config(Init::Normal(0.2))?;
+        let block = DecoderBlock::new(&ps.pp("layers.0"), &cfg)?;
+        // Modules built on the same names share the block's parameters.
+        let p = ps.pp("layers.0");
+        let n1 = Norm::new(&p.pp("input_layernorm"), NormKind::RmsNorm, 16, 1e-5)?;
+        let attn = Attention::new(&p.pp("self_attn"), &cfg.attn)?;
+        let n2 = Norm::new(
+            &p.pp("post_attention_layernorm"),
+            NormKind::RmsNorm,
+            16,
+            1e-5,
+        )?;
+        let mlp = Mlp::new(&p.pp("mlp"), &cfg.mlp)?;
+        assert_eq!(ps.all().len(), 2 + 4 + 3);
+
+        let table = RopeTable::new(4, 8, 10_000.0, 1.0, RopeStyle::Half, Device::Cpu)?;
+        let pos = Tensor::arange(0, 7, Device::Cpu)?;
+        let rotary = Some(Rotary {
+            table: &table,
+            positions: &pos,
+        });
+        let x = Tensor::randn((2, 7, 16), 0.0, 1.0, &mut Rng::new(2), Device::Cpu)?;
+        let h = x.add(&attn.forward(&n1.forward(&x)?, rotary, true)?)?;
+        let want = h.add(&mlp.forward(&n2.forward(&h)?)?)?;
+        assert_eq!(
+            block.forward(&x, rotary, true)?.to_vec_f32(),
+            want.to_vec_f32()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn zero_output_projections_make_an_identity() -> Result<()> {
+        let ps = ParamStore::new(3, DType::F32, Device::Cpu);
+        let block = DecoderBlock::new(&ps, &config(Init::Zeros)?)?;
+        let x = Tensor::randn((1, 4, 16), 0.0, 1.0, &mut Rng::new(4), Device::Cpu)?;
+        assert_eq!(block.forward(&x, None, true)?.to_vec_f32(), x.to_vec_f32());
+        Ok(())
+    }
+}
