@@ -33,7 +33,7 @@ pub enum UnaryOp {
     GeluErfGrad,
     /// d/dx gelu_tanh(x).
     GeluTanhGrad,
-    /// 1 where lo < x < hi, else 0: the pass-through mask of clamp's gradient.
+    /// 1 where lo <= x <= hi, else 0: the pass-through mask of clamp's gradient (inclusive, as PyTorch's).
     InRange(f32, f32),
 }
 

@@ -250,6 +250,7 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    trit::cpu::retain_freed_memory();
     let result = match &cli.command {
         None => run_train(&cli.demo, None),
         Some(Command::Demo(args)) => run_train(args, None),

@@ -83,7 +83,7 @@ pub fn unary_scalar(op: UnaryOp, x: f32) -> f32 {
             0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
         }
         UnaryOp::InRange(lo, hi) => {
-            if x > lo && x < hi {
+            if x >= lo && x <= hi {
                 1.0
             } else {
                 0.0

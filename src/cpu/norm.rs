@@ -37,6 +37,13 @@ pub fn norm_forward(
     eps: f32,
     centre: bool,
 ) -> (Vec<f32>, NormStats) {
+    if d == 0 {
+        let empty = NormStats {
+            mean: Vec::new(),
+            rstd: Vec::new(),
+        };
+        return (Vec::new(), empty);
+    }
     let st = stats(x, d, eps, centre);
     let mut out = vec![0f32; x.len()];
     let body = |(r, o): (usize, &mut [f32])| {

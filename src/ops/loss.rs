@@ -76,7 +76,12 @@ impl Tensor {
         let storage = fused_kernel(&[self], self.dtype(), |x| {
             let (total, l) = k::cross_entropy_forward(x[0], v, &t);
             lse = l;
-            vec![(total / kept.max(1) as f64) as f32]
+            // Float sums start at -0.0; an all-ignored batch reports a plain 0.
+            vec![if kept == 0 {
+                0.0
+            } else {
+                (total / kept as f64) as f32
+            }]
         })?;
         let op = Op::Custom(
             vec![self.clone()],
