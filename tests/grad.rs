@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use trit::ops::rope::{RopeStyle, RopeTable};
-use trit::{no_grad, DType, GradStore, Rng, Tensor};
+use trit::{no_grad, DType, GradStore, Rng, Shape, Tensor};
 
 type R<T> = trit::Result<T>;
 
@@ -94,228 +94,53 @@ fn small_shape(min_rank: usize, max_rank: usize) -> impl Strategy<Value = Vec<us
     )
 }
 
-fn sym(r: &mut DataRng) -> f64 {
-    r.range(-3.0, 3.0)
-}
-
-fn pos(r: &mut DataRng) -> f64 {
-    r.range(0.2, 4.0)
-}
-
-/// |x| in [0.1, 3]: away from the kinks of abs/relu and the pole of recip.
-fn away_from_zero(r: &mut DataRng) -> f64 {
-    let v = r.range(0.1, 3.0);
-    if r.bool() {
-        v
-    } else {
-        -v
+/// `grad_check` of every unary op in `common::UNARY` at inputs of `shape` from its gradient generator:
+/// `f(op, x)` applies the op to the variable `x` (or to a view of it), `reference(op, r)` does the same to
+/// the reference values.
+fn unary_grad_check(
+    shape: &[usize],
+    seed: u64,
+    f: impl Fn(&Unary, &Tensor) -> R<Tensor>,
+    reference: impl Fn(&Unary, &Ref) -> Ref,
+) {
+    for (i, (u, gen)) in unary_grad().enumerate() {
+        let mut rng = DataRng::new(seed ^ i as u64);
+        let x = Ref::rand(shape, &mut rng, gen);
+        grad_check(u.name, [x], seed, |v| f(u, &v[0]), |r| reference(u, &r[0]));
     }
 }
 
-/// Away from round's jumps (k + 1/2) and sign's jump (0).
-fn away_from_halves(r: &mut DataRng) -> f64 {
-    (r.below(7) as f64 - 3.0) + r.range(0.1, 0.4) * if r.bool() { 1.0 } else { -1.0 }
-}
+type ReduceFn = fn(&Tensor, Vec<usize>) -> R<Tensor>;
+type ReduceRef = fn(&Ref, &[usize], bool) -> Ref;
 
-/// Away from the clamp bounds -0.5 and 0.75.
-fn away_from_bounds(r: &mut DataRng) -> f64 {
-    match r.below(3) {
-        0 => r.range(-2.0, -0.6),
-        1 => r.range(-0.4, 0.65),
-        _ => r.range(0.85, 2.0),
-    }
-}
-
-struct Unary {
-    name: &'static str,
-    op: fn(&Tensor) -> R<Tensor>,
-    reference: fn(f64) -> f64,
-    gen: fn(&mut DataRng) -> f64,
-}
-
-const UNARY: &[Unary] = &[
-    Unary {
-        name: "neg",
-        op: |t| t.neg(),
-        reference: |x| -x,
-        gen: sym,
-    },
-    Unary {
-        name: "exp",
-        op: |t| t.exp(),
-        reference: f64::exp,
-        gen: sym,
-    },
-    Unary {
-        name: "log",
-        op: |t| t.log(),
-        reference: f64::ln,
-        gen: pos,
-    },
-    Unary {
-        name: "sqrt",
-        op: |t| t.sqrt(),
-        reference: f64::sqrt,
-        gen: pos,
-    },
-    Unary {
-        name: "rsqrt",
-        op: |t| t.rsqrt(),
-        reference: |x| 1.0 / x.sqrt(),
-        gen: pos,
-    },
-    Unary {
-        name: "tanh",
-        op: |t| t.tanh(),
-        reference: f64::tanh,
-        gen: sym,
-    },
-    Unary {
-        name: "sigmoid",
-        op: |t| t.sigmoid(),
-        reference: sigmoid,
-        gen: sym,
-    },
-    Unary {
-        name: "relu",
-        op: |t| t.relu(),
-        reference: |x| x.max(0.0),
-        gen: away_from_zero,
-    },
-    Unary {
-        name: "gelu",
-        op: |t| t.gelu(),
-        reference: gelu_erf,
-        gen: sym,
-    },
-    Unary {
-        name: "gelu_tanh",
-        op: |t| t.gelu_tanh(),
-        reference: gelu_tanh,
-        gen: sym,
-    },
-    Unary {
-        name: "silu",
-        op: |t| t.silu(),
-        reference: |x| x * sigmoid(x),
-        gen: sym,
-    },
-    Unary {
-        name: "abs",
-        op: |t| t.abs(),
-        reference: f64::abs,
-        gen: away_from_zero,
-    },
-    Unary {
-        name: "sign",
-        op: |t| t.sign(),
-        reference: sign,
-        gen: away_from_halves,
-    },
-    Unary {
-        name: "round",
-        op: |t| t.round(),
-        reference: f64::round_ties_even,
-        gen: away_from_halves,
-    },
-    Unary {
-        name: "sqr",
-        op: |t| t.sqr(),
-        reference: |x| x * x,
-        gen: sym,
-    },
-    Unary {
-        name: "recip",
-        op: |t| t.recip(),
-        reference: |x| 1.0 / x,
-        gen: away_from_zero,
-    },
-    Unary {
-        name: "erf",
-        op: |t| t.erf(),
-        reference: erf,
-        gen: sym,
-    },
-    Unary {
-        name: "clamp",
-        op: |t| t.clamp(-0.5, 0.75),
-        reference: |x| x.clamp(-0.5, 0.75),
-        gen: away_from_bounds,
-    },
-    Unary {
-        name: "powf(2.5)",
-        op: |t| t.powf(2.5),
-        reference: |x| x.powf(2.5),
-        gen: pos,
-    },
-    Unary {
-        name: "powf(-0.5)",
-        op: |t| t.powf(-0.5),
-        reference: |x| x.powf(-0.5),
-        gen: pos,
-    },
-    Unary {
-        name: "powf(3)",
-        op: |t| t.powf(3.0),
-        reference: |x| x.powi(3),
-        gen: sym,
-    },
-    Unary {
-        name: "affine",
-        op: |t| t.affine(-1.5, 0.25),
-        reference: |x| -1.5 * x + 0.25,
-        gen: sym,
-    },
+/// Reductions over a set of dims: (name, the op, the op with keepdim, the reference).
+const REDUCE: &[(&str, ReduceFn, ReduceFn, ReduceRef)] = &[
+    ("sum", |t, d| t.sum(d), |t, d| t.sum_keepdim(d), Ref::sum),
+    (
+        "mean",
+        |t, d| t.mean(d),
+        |t, d| t.mean_keepdim(d),
+        Ref::mean,
+    ),
+    ("max", |t, d| t.max(d), |t, d| t.max_keepdim(d), Ref::max),
+    ("min", |t, d| t.min(d), |t, d| t.min_keepdim(d), Ref::min),
 ];
-
-type BinFn = fn(&Tensor, &Tensor) -> R<Tensor>;
-type BinRef = fn(f64, f64) -> f64;
-
-const BINARY: &[(&str, BinFn, BinRef)] = &[
-    ("add", |a, b| a.add(b), |a, b| a + b),
-    ("sub", |a, b| a.sub(b), |a, b| a - b),
-    ("mul", |a, b| a.mul(b), |a, b| a * b),
-    ("div", |a, b| a.div(b), |a, b| a / b),
-    ("maximum", |a, b| a.maximum(b), f64::max),
-    ("minimum", |a, b| a.minimum(b), f64::min),
-];
-
-fn ids_tensor(ids: &[i64], shape: &[usize]) -> Tensor {
-    Tensor::from_vec(
-        ids.iter().map(|&i| i as i32).collect::<Vec<i32>>(),
-        shape.to_vec(),
-        CPU,
-    )
-    .unwrap()
-}
 
 proptest! {
     #![proptest_config(config(24))]
 
     #[test]
     fn unary(shape in small_shape(0, 3), seed in any::<u64>()) {
-        for (i, u) in UNARY.iter().enumerate() {
-            let mut rng = DataRng::new(seed ^ i as u64);
-            let x = Ref::rand(&shape, &mut rng, u.gen);
-            grad_check(u.name, [x], seed, |v| (u.op)(&v[0]), |r| r[0].map(u.reference));
-        }
+        unary_grad_check(&shape, seed, |u, x| (u.op)(x), |u, r| r.map(u.reference));
     }
 
     /// Unary ops on a transposed view of the variable: the gradient is permuted back.
     #[test]
     fn unary_on_views(shape in small_shape(2, 3), seed in any::<u64>()) {
         let n = shape.len();
-        for (i, u) in UNARY.iter().enumerate() {
-            let mut rng = DataRng::new(seed ^ i as u64);
-            let x = Ref::rand(&shape, &mut rng, u.gen);
-            grad_check(
-                u.name,
-                [x],
-                seed,
-                |v| (u.op)(&v[0].t()?),
-                |r| r[0].transpose(n - 2, n - 1).map(u.reference),
-            );
-        }
+        unary_grad_check(&shape, seed,
+            |u, x| (u.op)(&x.t()?),
+            |u, r| r.transpose(n - 2, n - 1).map(u.reference));
     }
 
     /// Gradients of broadcast operands are summed over the broadcast dims.
@@ -331,7 +156,7 @@ proptest! {
             // a on a grid of 0.1, b on the grid shifted by 0.05: never equal, so max/min have no ties.
             let a = Ref::rand(&sa, &mut rng, |r| (r.below(40) as f64 - 20.0) * 0.1);
             let b = if *name == "div" {
-                Ref::rand(&sb, &mut rng, away_from_zero)
+                Ref::rand(&sb, &mut rng, smooth::away_from_zero)
             } else {
                 Ref::rand(&sb, &mut rng, |r| (r.below(40) as f64 - 20.0) * 0.1 + 0.05)
             };
@@ -350,18 +175,10 @@ proptest! {
         let x = Ref::distinct(&shape, &mut rng);
         let d = dims.clone();
         let k = keepdim;
-        grad_check("sum", [x.clone()], seed,
-            |v| if k { v[0].sum_keepdim(d.clone()) } else { v[0].sum(d.clone()) },
-            |r| r[0].sum(&dims, k));
-        grad_check("mean", [x.clone()], seed,
-            |v| if k { v[0].mean_keepdim(d.clone()) } else { v[0].mean(d.clone()) },
-            |r| r[0].mean(&dims, k));
-        grad_check("max", [x.clone()], seed,
-            |v| if k { v[0].max_keepdim(d.clone()) } else { v[0].max(d.clone()) },
-            |r| r[0].max(&dims, k));
-        grad_check("min", [x.clone()], seed,
-            |v| if k { v[0].min_keepdim(d.clone()) } else { v[0].min(d.clone()) },
-            |r| r[0].min(&dims, k));
+        for (name, reduce, reduce_keepdim, reference) in REDUCE {
+            let f = if k { reduce_keepdim } else { reduce };
+            grad_check(name, [x.clone()], seed, |v| f(&v[0], d.clone()), |r| reference(&r[0], &dims, k));
+        }
         grad_check("logsumexp", [x.clone()], seed, |v| v[0].logsumexp(d.clone()), |r| r[0].logsumexp(&dims, false));
         let n: usize = dims.iter().map(|&i| shape[i]).product();
         for unbiased in [false, true] {
@@ -594,12 +411,17 @@ fn vals(t: &Tensor) -> Vec<f32> {
     t.to_vec_f32()
 }
 
-#[test]
-fn accumulation_across_backward_calls() {
-    let x = Tensor::from_vec(vec![0.5f32, -1.0, 2.0, 0.25], (2, 2), CPU)
+/// A trainable f32 variable with these values.
+fn var(values: &[f32], shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_vec(values.to_vec(), shape, CPU)
         .unwrap()
         .var()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn accumulation_across_backward_calls() {
+    let x = var(&[0.5, -1.0, 2.0, 0.25], (2, 2));
     let loss = x
         .sqr()
         .unwrap()
@@ -637,10 +459,7 @@ fn accumulation_across_backward_calls() {
 
 #[test]
 fn detach_and_no_grad_stop_gradients() {
-    let x = Tensor::from_vec(vec![1f32, 2.0, 3.0], 3, CPU)
-        .unwrap()
-        .var()
-        .unwrap();
+    let x = var(&[1.0, 2.0, 3.0], 3);
     // y = x · detach(x): only the first factor carries gradient, so dy/dx = x (not 2x).
     let y = x.mul(&x.detach()).unwrap().sum_all().unwrap();
     assert_eq!(
@@ -682,10 +501,7 @@ fn detach_and_no_grad_stop_gradients() {
 
 #[test]
 fn variable_used_twice_sums_both_paths() {
-    let x = Tensor::from_vec(vec![0.5f32, -2.0], 2, CPU)
-        .unwrap()
-        .var()
-        .unwrap();
+    let x = var(&[0.5, -2.0], 2);
     // f = x·x + exp(x) + x  =>  f' = 2x + eˣ + 1
     let f = x
         .mul(&x)
@@ -712,14 +528,8 @@ fn variable_used_twice_sums_both_paths() {
 
 #[test]
 fn maximum_ties_split_the_gradient() {
-    let a = Tensor::from_slice(&[1f32, 2.0, 3.0], CPU)
-        .unwrap()
-        .var()
-        .unwrap();
-    let b = Tensor::from_slice(&[1f32, 1.0, 4.0], CPU)
-        .unwrap()
-        .var()
-        .unwrap();
+    let a = var(&[1.0, 2.0, 3.0], 3);
+    let b = var(&[1.0, 1.0, 4.0], 3);
     let g = a
         .maximum(&b)
         .unwrap()
@@ -730,10 +540,7 @@ fn maximum_ties_split_the_gradient() {
     assert_eq!(vals(g.get(&a).unwrap()), vec![0.5, 1.0, 0.0]);
     assert_eq!(vals(g.get(&b).unwrap()), vec![0.5, 0.0, 1.0]);
     // max reduction with ties: the gradient is shared evenly by the tied maxima.
-    let x = Tensor::from_slice(&[3f32, 1.0, 3.0, 2.0], CPU)
-        .unwrap()
-        .var()
-        .unwrap();
+    let x = var(&[3.0, 1.0, 3.0, 2.0], 4);
     let g = x.max(0).unwrap().backward().unwrap();
     assert_eq!(vals(g.get(&x).unwrap()), vec![0.5, 0.0, 0.5, 0.0]);
 }
@@ -741,10 +548,7 @@ fn maximum_ties_split_the_gradient() {
 #[test]
 fn dtype_and_dropout_gradients() {
     // Gradients through a cast come back in the variable's dtype.
-    let x = Tensor::from_slice(&[1f32, 2.0, 3.0], CPU)
-        .unwrap()
-        .var()
-        .unwrap();
+    let x = var(&[1.0, 2.0, 3.0], 3);
     let y = x
         .to_dtype(DType::BF16)
         .unwrap()
@@ -780,10 +584,7 @@ fn dtype_and_dropout_gradients() {
 fn deep_graph_backward_and_drop() {
     // A 100k-op chain (a loss accumulated over many steps without detach): backward and drop must not
     // recurse once per node, or they overflow a test thread's 2 MiB stack.
-    let x = Tensor::from_slice(&[1f32, 2.0], CPU)
-        .unwrap()
-        .var()
-        .unwrap();
+    let x = var(&[1.0, 2.0], 2);
     let mut y = x.clone();
     for _ in 0..100_000 {
         y = y.add_scalar(1.0).unwrap();

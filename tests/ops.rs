@@ -3,205 +3,24 @@
 
 mod common;
 
+use common::fwd::{nonzero, sym};
 use common::*;
 use half::{bf16, f16};
 use proptest::prelude::*;
 use trit::ops::rope::{RopeStyle, RopeTable};
 use trit::{DType, Error, Rng, Tensor};
 
-type R<T> = trit::Result<T>;
-
 // ---------------------------------------------------------------------------------------------------------
-// Unary ops
-
-struct Unary {
-    name: &'static str,
-    op: fn(&Tensor) -> R<Tensor>,
-    reference: fn(f64) -> f64,
-    gen: fn(&mut DataRng) -> f64,
-}
-
-fn sym(r: &mut DataRng) -> f64 {
-    r.range(-4.0, 4.0)
-}
-
-fn pos(r: &mut DataRng) -> f64 {
-    r.range(0.05, 5.0)
-}
-
-/// Exact zeros and exact halves among ordinary values (sign's 0, round's ties).
-fn with_specials(r: &mut DataRng) -> f64 {
-    match r.below(4) {
-        0 => 0.0,
-        1 => (r.below(21) as f64 - 10.0) / 2.0,
-        _ => r.range(-5.0, 5.0),
-    }
-}
-
-fn nonzero(r: &mut DataRng) -> f64 {
-    let v = r.range(0.1, 4.0);
-    if r.bool() {
-        v
-    } else {
-        -v
-    }
-}
-
-const UNARY: &[Unary] = &[
-    Unary {
-        name: "neg",
-        op: |t| t.neg(),
-        reference: |x| -x,
-        gen: with_specials,
-    },
-    Unary {
-        name: "exp",
-        op: |t| t.exp(),
-        reference: f64::exp,
-        gen: sym,
-    },
-    Unary {
-        name: "log",
-        op: |t| t.log(),
-        reference: f64::ln,
-        gen: pos,
-    },
-    Unary {
-        name: "sqrt",
-        op: |t| t.sqrt(),
-        reference: f64::sqrt,
-        gen: pos,
-    },
-    Unary {
-        name: "rsqrt",
-        op: |t| t.rsqrt(),
-        reference: |x| 1.0 / x.sqrt(),
-        gen: pos,
-    },
-    Unary {
-        name: "tanh",
-        op: |t| t.tanh(),
-        reference: f64::tanh,
-        gen: sym,
-    },
-    Unary {
-        name: "sigmoid",
-        op: |t| t.sigmoid(),
-        reference: sigmoid,
-        gen: sym,
-    },
-    Unary {
-        name: "relu",
-        op: |t| t.relu(),
-        reference: |x| x.max(0.0),
-        gen: with_specials,
-    },
-    Unary {
-        name: "gelu",
-        op: |t| t.gelu(),
-        reference: gelu_erf,
-        gen: sym,
-    },
-    Unary {
-        name: "gelu_tanh",
-        op: |t| t.gelu_tanh(),
-        reference: gelu_tanh,
-        gen: sym,
-    },
-    Unary {
-        name: "silu",
-        op: |t| t.silu(),
-        reference: |x| x * sigmoid(x),
-        gen: sym,
-    },
-    Unary {
-        name: "abs",
-        op: |t| t.abs(),
-        reference: f64::abs,
-        gen: with_specials,
-    },
-    Unary {
-        name: "sign",
-        op: |t| t.sign(),
-        reference: sign,
-        gen: with_specials,
-    },
-    Unary {
-        name: "round",
-        op: |t| t.round(),
-        reference: f64::round_ties_even,
-        gen: with_specials,
-    },
-    Unary {
-        name: "sqr",
-        op: |t| t.sqr(),
-        reference: |x| x * x,
-        gen: sym,
-    },
-    Unary {
-        name: "recip",
-        op: |t| t.recip(),
-        reference: |x| 1.0 / x,
-        gen: nonzero,
-    },
-    Unary {
-        name: "erf",
-        op: |t| t.erf(),
-        reference: erf,
-        gen: sym,
-    },
-    Unary {
-        name: "clamp",
-        op: |t| t.clamp(-0.5, 0.75),
-        reference: |x| x.clamp(-0.5, 0.75),
-        gen: with_specials,
-    },
-    Unary {
-        name: "powf(2.5)",
-        op: |t| t.powf(2.5),
-        reference: |x| x.powf(2.5),
-        gen: pos,
-    },
-    Unary {
-        name: "powf(-1.5)",
-        op: |t| t.powf(-1.5),
-        reference: |x| x.powf(-1.5),
-        gen: pos,
-    },
-    Unary {
-        name: "powf(3)",
-        op: |t| t.powf(3.0),
-        reference: |x| x.powi(3),
-        gen: sym,
-    },
-    Unary {
-        name: "affine",
-        op: |t| t.affine(1.5, -0.25),
-        reference: |x| x * 1.5 - 0.25,
-        gen: sym,
-    },
-    Unary {
-        name: "add_scalar",
-        op: |t| t.add_scalar(0.5),
-        reference: |x| x + 0.5,
-        gen: sym,
-    },
-    Unary {
-        name: "mul_scalar",
-        op: |t| t.mul_scalar(-3.0),
-        reference: |x| -3.0 * x,
-        gen: sym,
-    },
-];
+// Unary ops (the table, `UNARY`, is shared with the gradient tests and lives in `common`)
 
 proptest! {
     #![proptest_config(config(64))]
 
     #[test]
     fn unary_ops(shape in shape(0, 4), v in view(), seed in any::<u64>()) {
-        for (i, u) in UNARY.iter().enumerate() {
+        for (i, (u, gen)) in unary_forward().enumerate() {
             let mut rng = DataRng::new(seed ^ i as u64);
-            let (x, r) = input(&shape, v, &mut rng, u.gen);
+            let (x, r) = input(&shape, v, &mut rng, gen);
             let out = (u.op)(&x).unwrap();
             prop_assert_eq!(out.dtype(), DType::F32);
             check(u.name, &out, &r.map(u.reference), 1e-6, 4e-6);
@@ -242,20 +61,9 @@ fn unary_special_values() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Broadcasting binary ops, comparisons, where
+// Broadcasting binary ops (the table, `BINARY`, is shared with the gradient tests), comparisons, where
 
-type BinFn = fn(&Tensor, &Tensor) -> R<Tensor>;
-type BinRef = fn(f64, f64) -> f64;
 type CmpRef = fn(f64, f64) -> bool;
-
-const BINARY: &[(&str, BinFn, BinRef)] = &[
-    ("add", |a, b| a.add(b), |a, b| a + b),
-    ("sub", |a, b| a.sub(b), |a, b| a - b),
-    ("mul", |a, b| a.mul(b), |a, b| a * b),
-    ("div", |a, b| a.div(b), |a, b| a / b),
-    ("maximum", |a, b| a.maximum(b), f64::max),
-    ("minimum", |a, b| a.minimum(b), f64::min),
-];
 
 const CMP: &[(&str, BinFn, CmpRef)] = &[
     ("eq", |a, b| a.eq(b), |a, b| a == b),
@@ -431,15 +239,6 @@ fn reductions_negative_dims_and_scalars() {
 
 // ---------------------------------------------------------------------------------------------------------
 // Indexing
-
-fn ids_tensor(ids: &[i64], shape: &[usize]) -> Tensor {
-    Tensor::from_vec(
-        ids.iter().map(|&i| i as i32).collect::<Vec<i32>>(),
-        shape.to_vec(),
-        CPU,
-    )
-    .unwrap()
-}
 
 proptest! {
     #![proptest_config(config(64))]

@@ -1,5 +1,6 @@
 //! Shared helpers for the engine's op tests: a naive f64 reference tensor with reference implementations of
-//! every op, proptest strategies for shapes, builders for strided (non-contiguous) inputs, and
+//! every op, the tables of unary and binary ops (`UNARY`, `BINARY`) that the forward and gradient tests
+//! both run, proptest strategies for shapes, builders for strided (non-contiguous) inputs, and
 //! `assert_close`, which names the worst element when values disagree.
 //!
 //! Every reference here is written from the op's definition, not from trit's kernels: plain loops over
@@ -42,6 +43,16 @@ impl DataRng {
         lo + (hi - lo) * self.uniform()
     }
 
+    /// Magnitude uniform in [lo, hi), then a random sign.
+    pub fn signed_range(&mut self, lo: f64, hi: f64) -> f64 {
+        let v = self.range(lo, hi);
+        if self.bool() {
+            v
+        } else {
+            -v
+        }
+    }
+
     /// Uniform integer in 0..n.
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
@@ -76,6 +87,16 @@ impl DataRng {
 /// Rounds to the nearest f32, so a reference computes at exactly the point trit sees.
 pub fn f32r(x: f64) -> f64 {
     x as f32 as f64
+}
+
+/// An i32 index tensor of `shape` holding `ids`.
+pub fn ids_tensor(ids: &[i64], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(
+        ids.iter().map(|&i| i as i32).collect::<Vec<i32>>(),
+        shape.to_vec(),
+        CPU,
+    )
+    .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -199,6 +220,294 @@ pub fn sign(x: f64) -> f64 {
         0.0
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Unary ops: one table for the forward tests (ops.rs) and the gradient tests (grad.rs)
+
+/// Draws one input value.
+pub type Gen = fn(&mut DataRng) -> f64;
+
+/// Input generators for forward checks: wide ranges, with the exact values where an op jumps or ties.
+pub mod fwd {
+    use super::DataRng;
+
+    pub fn sym(r: &mut DataRng) -> f64 {
+        r.range(-4.0, 4.0)
+    }
+
+    pub fn pos(r: &mut DataRng) -> f64 {
+        r.range(0.05, 5.0)
+    }
+
+    /// Exact zeros and exact halves among ordinary values (sign's 0, round's ties).
+    pub fn with_specials(r: &mut DataRng) -> f64 {
+        match r.below(4) {
+            0 => 0.0,
+            1 => (r.below(21) as f64 - 10.0) / 2.0,
+            _ => r.range(-5.0, 5.0),
+        }
+    }
+
+    pub fn nonzero(r: &mut DataRng) -> f64 {
+        r.signed_range(0.1, 4.0)
+    }
+}
+
+/// Input generators for gradient checks: values where the op is smooth, well away from any kink, jump or
+/// pole, so that central differences are exact.
+pub mod smooth {
+    use super::DataRng;
+
+    pub fn sym(r: &mut DataRng) -> f64 {
+        r.range(-3.0, 3.0)
+    }
+
+    pub fn pos(r: &mut DataRng) -> f64 {
+        r.range(0.2, 4.0)
+    }
+
+    /// |x| in [0.1, 3]: away from the kinks of abs/relu and the pole of recip.
+    pub fn away_from_zero(r: &mut DataRng) -> f64 {
+        r.signed_range(0.1, 3.0)
+    }
+
+    /// Away from round's jumps (k + 1/2) and sign's jump (0).
+    pub fn away_from_halves(r: &mut DataRng) -> f64 {
+        (r.below(7) as f64 - 3.0) + r.signed_range(0.1, 0.4)
+    }
+
+    /// Away from the clamp bounds -0.5 and 0.75.
+    pub fn away_from_bounds(r: &mut DataRng) -> f64 {
+        match r.below(3) {
+            0 => r.range(-2.0, -0.6),
+            1 => r.range(-0.4, 0.65),
+            _ => r.range(0.85, 2.0),
+        }
+    }
+}
+
+/// A unary op, its f64 reference, and the inputs each suite checks it at: `forward_gen` for the forward
+/// tests, `grad_gen` for the gradient tests. `None` leaves the op out of that suite.
+pub struct Unary {
+    pub name: &'static str,
+    pub op: fn(&Tensor) -> trit::Result<Tensor>,
+    pub reference: fn(f64) -> f64,
+    pub forward_gen: Option<Gen>,
+    pub grad_gen: Option<Gen>,
+}
+
+/// Every unary op, in the order both suites run them. The forward and gradient suites check `powf` and
+/// `affine` at different parameters, hence their one-suite rows.
+pub const UNARY: &[Unary] = &[
+    Unary {
+        name: "neg",
+        op: |t| t.neg(),
+        reference: |x| -x,
+        forward_gen: Some(fwd::with_specials),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "exp",
+        op: |t| t.exp(),
+        reference: f64::exp,
+        forward_gen: Some(fwd::sym),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "log",
+        op: |t| t.log(),
+        reference: f64::ln,
+        forward_gen: Some(fwd::pos),
+        grad_gen: Some(smooth::pos),
+    },
+    Unary {
+        name: "sqrt",
+        op: |t| t.sqrt(),
+        reference: f64::sqrt,
+        forward_gen: Some(fwd::pos),
+        grad_gen: Some(smooth::pos),
+    },
+    Unary {
+        name: "rsqrt",
+        op: |t| t.rsqrt(),
+        reference: |x| 1.0 / x.sqrt(),
+        forward_gen: Some(fwd::pos),
+        grad_gen: Some(smooth::pos),
+    },
+    Unary {
+        name: "tanh",
+        op: |t| t.tanh(),
+        reference: f64::tanh,
+        forward_gen: Some(fwd::sym),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "sigmoid",
+        op: |t| t.sigmoid(),
+        reference: sigmoid,
+        forward_gen: Some(fwd::sym),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "relu",
+        op: |t| t.relu(),
+        reference: |x| x.max(0.0),
+        forward_gen: Some(fwd::with_specials),
+        grad_gen: Some(smooth::away_from_zero),
+    },
+    Unary {
+        name: "gelu",
+        op: |t| t.gelu(),
+        reference: gelu_erf,
+        forward_gen: Some(fwd::sym),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "gelu_tanh",
+        op: |t| t.gelu_tanh(),
+        reference: gelu_tanh,
+        forward_gen: Some(fwd::sym),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "silu",
+        op: |t| t.silu(),
+        reference: |x| x * sigmoid(x),
+        forward_gen: Some(fwd::sym),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "abs",
+        op: |t| t.abs(),
+        reference: f64::abs,
+        forward_gen: Some(fwd::with_specials),
+        grad_gen: Some(smooth::away_from_zero),
+    },
+    Unary {
+        name: "sign",
+        op: |t| t.sign(),
+        reference: sign,
+        forward_gen: Some(fwd::with_specials),
+        grad_gen: Some(smooth::away_from_halves),
+    },
+    Unary {
+        name: "round",
+        op: |t| t.round(),
+        reference: f64::round_ties_even,
+        forward_gen: Some(fwd::with_specials),
+        grad_gen: Some(smooth::away_from_halves),
+    },
+    Unary {
+        name: "sqr",
+        op: |t| t.sqr(),
+        reference: |x| x * x,
+        forward_gen: Some(fwd::sym),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "recip",
+        op: |t| t.recip(),
+        reference: |x| 1.0 / x,
+        forward_gen: Some(fwd::nonzero),
+        grad_gen: Some(smooth::away_from_zero),
+    },
+    Unary {
+        name: "erf",
+        op: |t| t.erf(),
+        reference: erf,
+        forward_gen: Some(fwd::sym),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "clamp",
+        op: |t| t.clamp(-0.5, 0.75),
+        reference: |x| x.clamp(-0.5, 0.75),
+        forward_gen: Some(fwd::with_specials),
+        grad_gen: Some(smooth::away_from_bounds),
+    },
+    Unary {
+        name: "powf(2.5)",
+        op: |t| t.powf(2.5),
+        reference: |x| x.powf(2.5),
+        forward_gen: Some(fwd::pos),
+        grad_gen: Some(smooth::pos),
+    },
+    Unary {
+        name: "powf(-1.5)",
+        op: |t| t.powf(-1.5),
+        reference: |x| x.powf(-1.5),
+        forward_gen: Some(fwd::pos),
+        grad_gen: None,
+    },
+    Unary {
+        name: "powf(-0.5)",
+        op: |t| t.powf(-0.5),
+        reference: |x| x.powf(-0.5),
+        forward_gen: None,
+        grad_gen: Some(smooth::pos),
+    },
+    Unary {
+        name: "powf(3)",
+        op: |t| t.powf(3.0),
+        reference: |x| x.powi(3),
+        forward_gen: Some(fwd::sym),
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "affine",
+        op: |t| t.affine(1.5, -0.25),
+        reference: |x| x * 1.5 - 0.25,
+        forward_gen: Some(fwd::sym),
+        grad_gen: None,
+    },
+    Unary {
+        name: "affine",
+        op: |t| t.affine(-1.5, 0.25),
+        reference: |x| -1.5 * x + 0.25,
+        forward_gen: None,
+        grad_gen: Some(smooth::sym),
+    },
+    Unary {
+        name: "add_scalar",
+        op: |t| t.add_scalar(0.5),
+        reference: |x| x + 0.5,
+        forward_gen: Some(fwd::sym),
+        grad_gen: None,
+    },
+    Unary {
+        name: "mul_scalar",
+        op: |t| t.mul_scalar(-3.0),
+        reference: |x| -3.0 * x,
+        forward_gen: Some(fwd::sym),
+        grad_gen: None,
+    },
+];
+
+/// The ops the forward tests check, each with its generator.
+pub fn unary_forward() -> impl Iterator<Item = (&'static Unary, Gen)> {
+    UNARY.iter().filter_map(|u| Some((u, u.forward_gen?)))
+}
+
+/// The ops the gradient tests check, each with its generator.
+pub fn unary_grad() -> impl Iterator<Item = (&'static Unary, Gen)> {
+    UNARY.iter().filter_map(|u| Some((u, u.grad_gen?)))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Broadcasting binary ops: one table for the forward and the gradient tests
+
+pub type BinFn = fn(&Tensor, &Tensor) -> trit::Result<Tensor>;
+pub type BinRef = fn(f64, f64) -> f64;
+
+/// Every broadcasting binary op with its f64 reference.
+pub const BINARY: &[(&str, BinFn, BinRef)] = &[
+    ("add", |a, b| a.add(b), |a, b| a + b),
+    ("sub", |a, b| a.sub(b), |a, b| a - b),
+    ("mul", |a, b| a.mul(b), |a, b| a * b),
+    ("div", |a, b| a.div(b), |a, b| a / b),
+    ("maximum", |a, b| a.maximum(b), f64::max),
+    ("minimum", |a, b| a.minimum(b), f64::min),
+];
 
 // ---------------------------------------------------------------------------------------------------------
 // The reference tensor
