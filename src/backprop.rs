@@ -148,11 +148,7 @@ fn input_grads(op: &Op, out: &Tensor, g: &Tensor) -> Result<Vec<(Tensor, Tensor)
                 UnaryOp::Relu => g.mul(&x.gt(&x.zeros_like()?)?.to_dtype(g.dtype())?)?,
                 UnaryOp::GeluErf => g.mul(&x.unary(UnaryOp::GeluErfGrad)?)?,
                 UnaryOp::GeluTanh => g.mul(&x.unary(UnaryOp::GeluTanhGrad)?)?,
-                UnaryOp::Silu => {
-                    let s = x.sigmoid()?;
-                    let ds = s.mul(&x.mul(&s.affine(-1.0, 1.0)?)?.add_scalar(1.0)?)?;
-                    g.mul(&ds)?
-                }
+                UnaryOp::Silu => g.mul(&x.unary(UnaryOp::SiluGrad)?)?,
                 UnaryOp::Abs => g.mul(&x.sign()?)?,
                 UnaryOp::Sqr => g.mul(x)?.mul_scalar(2.0)?,
                 UnaryOp::Recip => g.mul(&out.sqr()?)?.neg()?,
@@ -166,6 +162,7 @@ fn input_grads(op: &Op, out: &Tensor, g: &Tensor) -> Result<Vec<(Tensor, Tensor)
                 | UnaryOp::Round
                 | UnaryOp::GeluErfGrad
                 | UnaryOp::GeluTanhGrad
+                | UnaryOp::SiluGrad
                 | UnaryOp::InRange(..) => g.zeros_like()?,
             };
             vec![(x.clone(), dx)]

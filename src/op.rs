@@ -33,6 +33,8 @@ pub enum UnaryOp {
     GeluErfGrad,
     /// d/dx gelu_tanh(x).
     GeluTanhGrad,
+    /// d/dx silu(x) = s · (1 + x · (1 − s)) with s = sigmoid(x): backward of Silu in one pass.
+    SiluGrad,
     /// 1 where lo <= x <= hi, else 0: the pass-through mask of clamp's gradient (inclusive, as PyTorch's).
     InRange(f32, f32),
 }
@@ -62,6 +64,7 @@ impl UnaryOp {
             UnaryOp::Affine(..) => "affine",
             UnaryOp::GeluErfGrad => "gelu_grad",
             UnaryOp::GeluTanhGrad => "gelu_tanh_grad",
+            UnaryOp::SiluGrad => "silu_grad",
             UnaryOp::InRange(..) => "in_range",
         }
     }

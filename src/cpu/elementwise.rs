@@ -1,6 +1,6 @@
 //! Elementwise kernels: unary maps, binary ops, comparisons and where, over strided f32 views.
 
-use super::{par_fill, Walk};
+use super::{par_fill, simd, Walk};
 use crate::layout::Layout;
 use crate::op::{BinaryOp, CmpOp, UnaryOp};
 
@@ -39,8 +39,9 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Applies `op` to one value.
-#[inline]
+/// Applies `op` to one value. Always inlined: `unary` calls it from one loop per op with `op` known, and
+/// only inlining lets the compiler drop the per-element match (and vectorise the cheap ops).
+#[inline(always)]
 pub fn unary_scalar(op: UnaryOp, x: f32) -> f32 {
     match op {
         UnaryOp::Neg => -x,
@@ -82,6 +83,10 @@ pub fn unary_scalar(op: UnaryOp, x: f32) -> f32 {
             let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
             0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
         }
+        UnaryOp::SiluGrad => {
+            let s = sigmoid(x);
+            s * (1.0 + x * (1.0 - s))
+        }
         UnaryOp::InRange(lo, hi) => {
             if x >= lo && x <= hi {
                 1.0
@@ -99,6 +104,25 @@ pub fn map(src: &[f32], layout: &Layout, f: impl Fn(f32) -> f32 + Sync + Send) -
 
 /// Applies a unary op, dispatching once so the inner loop is monomorphic.
 pub fn unary(src: &[f32], layout: &Layout, op: UnaryOp) -> Vec<f32> {
+    // The exp-based ops on contiguous input take the vectorised exp instead of a libm call per element.
+    if let (UnaryOp::Exp | UnaryOp::Sigmoid | UnaryOp::Silu | UnaryOp::SiluGrad, Some(r)) =
+        (op, layout.contiguous_range())
+    {
+        let src = &src[r];
+        let mut out = vec![0f32; src.len()];
+        par_fill(&mut out, |start, chunk| {
+            let x = &src[start..start + chunk.len()];
+            match op {
+                UnaryOp::Exp => {
+                    simd::exp_shifted(x, 0.0, chunk);
+                }
+                UnaryOp::Sigmoid => simd::sigmoid(x, chunk),
+                UnaryOp::Silu => simd::silu(x, chunk),
+                _ => simd::silu_grad(x, chunk),
+            }
+        });
+        return out;
+    }
     macro_rules! go {
         ($($pat:pat),*) => {
             match op {
@@ -129,6 +153,7 @@ pub fn unary(src: &[f32], layout: &Layout, op: UnaryOp) -> Vec<f32> {
         UnaryOp::Affine(..),
         UnaryOp::GeluErfGrad,
         UnaryOp::GeluTanhGrad,
+        UnaryOp::SiluGrad,
         UnaryOp::InRange(..)
     )
 }
@@ -163,8 +188,37 @@ pub fn zip<T: Copy + Send + Default>(
         [ll.strides(), rl.strides()],
         [ll.offset(), rl.offset()],
     );
+    let inner = walk.inner_strides();
     par_fill(&mut out, |start, chunk| {
-        walk.run(start, chunk.len(), |i, [a, b]| chunk[i] = f(lhs[a], rhs[b]))
+        walk.runs(start, chunk.len(), |i, [a, b], n| {
+            let out = &mut chunk[i..i + n];
+            // Broadcast binary ops mostly pair contiguous rows with contiguous or repeated rows (a
+            // bias, a per-row scale): those stretches run as slice loops the compiler vectorises.
+            match inner {
+                [1, 1] => {
+                    for ((o, &x), &y) in out.iter_mut().zip(&lhs[a..a + n]).zip(&rhs[b..b + n]) {
+                        *o = f(x, y);
+                    }
+                }
+                [1, 0] => {
+                    let y = rhs[b];
+                    for (o, &x) in out.iter_mut().zip(&lhs[a..a + n]) {
+                        *o = f(x, y);
+                    }
+                }
+                [0, 1] => {
+                    let x = lhs[a];
+                    for (o, &y) in out.iter_mut().zip(&rhs[b..b + n]) {
+                        *o = f(x, y);
+                    }
+                }
+                [sa, sb] => {
+                    for (j, o) in out.iter_mut().enumerate() {
+                        *o = f(lhs[a + j * sa], rhs[b + j * sb]);
+                    }
+                }
+            }
+        })
     });
     out
 }

@@ -7,6 +7,7 @@ pub mod matmul;
 pub mod norm;
 pub mod reduce;
 pub mod rope;
+pub mod simd;
 pub mod softmax;
 
 use crate::dtype::DType;
@@ -229,8 +230,18 @@ pub fn convert<S: Copy + Sync, T: Copy + Send + Default>(
     let n = layout.shape().elem_count();
     let mut out = vec![T::default(); n];
     let walk = Walk::new(layout.dims(), [layout.strides()], [layout.offset()]);
+    let [inner] = walk.inner_strides();
     par_fill(&mut out, |start, chunk| {
-        walk.run(start, chunk.len(), |i, [o]| chunk[i] = f(src[o]))
+        if inner == 1 {
+            // Rows of the view are contiguous (a transpose of whole rows, a narrow): copy slice by slice.
+            walk.runs(start, chunk.len(), |i, [o], n| {
+                for (d, &s) in chunk[i..i + n].iter_mut().zip(&src[o..o + n]) {
+                    *d = f(s);
+                }
+            })
+        } else {
+            walk.run(start, chunk.len(), |i, [o]| chunk[i] = f(src[o]))
+        }
     });
     out
 }
@@ -267,6 +278,27 @@ impl<const K: usize> Walk<K> {
 
     /// Calls `f(i, offsets)` for logical elements `start..start + len` (i counts from 0).
     pub fn run(&self, start: usize, len: usize, mut f: impl FnMut(usize, [usize; K])) {
+        let inner = self.inner_strides();
+        self.runs(start, len, |i, offs, n| {
+            let mut o = offs;
+            for j in 0..n {
+                f(i + j, o);
+                for k in 0..K {
+                    o[k] += inner[k];
+                }
+            }
+        });
+    }
+
+    /// The stride of each operand along the innermost (merged) dim.
+    pub fn inner_strides(&self) -> [usize; K] {
+        std::array::from_fn(|k| self.strides[k].last().copied().unwrap_or(0))
+    }
+
+    /// Like `run`, one call per stretch along the innermost dim: `f(i, offsets, n)` covers logical
+    /// elements i..i + n, operand k's at offsets[k] + j · inner_strides()[k] for j < n. Callers whose
+    /// inner strides are 1 then work on whole slices instead of element by element.
+    pub fn runs(&self, start: usize, len: usize, mut f: impl FnMut(usize, [usize; K], usize)) {
         if len == 0 {
             return;
         }
@@ -286,16 +318,14 @@ impl<const K: usize> Walk<K> {
                 .sum::<usize>();
         }
         let inner = self.dims[rank - 1];
-        let inner_strides: [usize; K] = std::array::from_fn(|k| self.strides[k][rank - 1]);
+        let inner_strides = self.inner_strides();
         let mut i = 0;
         while i < len {
             let run = (inner - idx[rank - 1]).min(len - i);
+            f(i, offs, run);
             let mut o = offs;
-            for j in 0..run {
-                f(i + j, o);
-                for k in 0..K {
-                    o[k] += inner_strides[k];
-                }
+            for k in 0..K {
+                o[k] += inner_strides[k] * run;
             }
             i += run;
             if i == len {

@@ -23,9 +23,23 @@ pub fn sum_f32(x: &[f32]) -> f32 {
     s
 }
 
+/// Maximum, ignoring NaN (-inf for an empty or all-NaN slice). Sixteen independent accumulators and a
+/// compare-select (rather than `f32::max`, whose NaN rule the compiler will not vectorise) make this a
+/// vector max loop.
 #[inline]
 pub fn max_f32(x: &[f32]) -> f32 {
-    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let (chunks, rem) = x.as_chunks::<16>();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            // A NaN `v` compares false and leaves the accumulator alone.
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter()
+        .chain(rem)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 #[inline]

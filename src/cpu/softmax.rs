@@ -1,6 +1,7 @@
 //! Row-wise softmax, log-softmax and cross-entropy kernels (forward and backward) over contiguous rows.
 
 use super::reduce::{max_f32, sum_f32};
+use super::simd;
 use rayon::prelude::*;
 
 fn par_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
@@ -22,7 +23,12 @@ pub fn logsumexp_row(row: &[f32]) -> f32 {
     if m == f32::NEG_INFINITY {
         return m;
     }
-    let s: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+    // The exponentials go through a stack buffer a block at a time: only their sum is needed.
+    let mut buf = [0f32; 256];
+    let s: f32 = row
+        .chunks(buf.len())
+        .map(|c| simd::exp_shifted(c, m, &mut buf[..c.len()]))
+        .sum();
     m + s.ln()
 }
 
@@ -30,12 +36,25 @@ pub fn softmax_rows(x: &[f32], d: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     par_rows(&mut out, d, |r, o| {
         let row = &x[r * d..(r + 1) * d];
-        let m = max_f32(row);
-        for (o, &v) in o.iter_mut().zip(row) {
-            *o = (v - m).exp();
-        }
-        let inv = 1.0 / sum_f32(o);
+        let inv = 1.0 / simd::exp_shifted(row, max_f32(row), o);
         o.iter_mut().for_each(|v| *v *= inv);
+    });
+    out
+}
+
+/// Causal softmax of rows of length `d` that come in blocks of `q` query rows: row i of a block sees
+/// columns 0..=i + (d − q) and gets exact zeros beyond (the additive −∞ mask, without materialising it).
+/// Needs q ≤ d.
+pub fn causal_softmax_rows(x: &[f32], d: usize, q: usize) -> Vec<f32> {
+    debug_assert!(q <= d);
+    let mut out = vec![0f32; x.len()];
+    par_rows(&mut out, d, |r, o| {
+        let seen = r % q + 1 + (d - q);
+        let (o, hidden) = o.split_at_mut(seen);
+        let row = &x[r * d..r * d + seen];
+        let inv = 1.0 / simd::exp_shifted(row, max_f32(row), o);
+        o.iter_mut().for_each(|v| *v *= inv);
+        hidden.fill(0.0);
     });
     out
 }
@@ -65,14 +84,33 @@ pub fn softmax_backward_rows(y: &[f32], g: &[f32], d: usize) -> Vec<f32> {
     out
 }
 
+/// `softmax_backward_rows` for the output of `causal_softmax_rows`: the hidden columns have y = 0, so
+/// their gradient is 0 and only each row's visible prefix is read.
+pub fn causal_softmax_backward_rows(y: &[f32], g: &[f32], d: usize, q: usize) -> Vec<f32> {
+    debug_assert!(q <= d);
+    let mut out = vec![0f32; y.len()];
+    par_rows(&mut out, d, |r, o| {
+        let seen = r % q + 1 + (d - q);
+        let (y, g) = (&y[r * d..r * d + seen], &g[r * d..r * d + seen]);
+        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+        let (o, hidden) = o.split_at_mut(seen);
+        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+            *o = y * (g - dot);
+        }
+        hidden.fill(0.0);
+    });
+    out
+}
+
 /// dx = g − softmax(x) · Σ g, with softmax(x) = exp(y) for y = log_softmax(x).
 pub fn log_softmax_backward_rows(y: &[f32], g: &[f32], d: usize) -> Vec<f32> {
     let mut out = vec![0f32; y.len()];
     par_rows(&mut out, d, |r, o| {
         let (y, g) = (&y[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
         let gs = sum_f32(g);
-        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-            *o = g - y.exp() * gs;
+        simd::exp_shifted(y, 0.0, o);
+        for (o, &g) in o.iter_mut().zip(g) {
+            *o = g - *o * gs;
         }
     });
     out
@@ -110,9 +148,8 @@ pub fn cross_entropy_backward(
             return;
         }
         let row = &x[r * v..(r + 1) * v];
-        for (o, &val) in o.iter_mut().zip(row) {
-            *o = (val - lse[r]).exp() * scale;
-        }
+        simd::exp_shifted(row, lse[r], o);
+        o.iter_mut().for_each(|v| *v *= scale);
         o[t as usize] -= scale;
     });
     out

@@ -161,12 +161,12 @@ impl Attention {
         let rep = h / kvh;
         let q = q.reshape((b, kvh, rep * s, d))?;
         let scores = q.matmul(&k.t()?)?.reshape([b, kvh, rep, s, s])?;
-        let scores = if causal {
-            scores.add(&causal_mask(s, scores.dtype(), scores.device())?)?
+        let probs = if causal {
+            scores.causal_softmax()?
         } else {
-            scores
+            scores.softmax(-1)?
         };
-        let probs = scores.softmax(-1)?.reshape((b, kvh, rep * s, s))?;
+        let probs = probs.reshape((b, kvh, rep * s, s))?;
         let out = probs
             .matmul(&v)?
             .reshape((b, h, s, d))?

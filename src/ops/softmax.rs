@@ -1,23 +1,32 @@
-//! softmax and log_softmax over any dim, fused with their own backward.
+//! softmax and log_softmax over any dim, and causal softmax over the last, fused with their own backward.
 
 use super::fused_kernel;
 use crate::cpu::softmax as k;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::op::{CustomBackward, Op};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
 use std::sync::Arc;
 
+/// Which of the three ops a backward belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Softmax,
+    LogSoftmax,
+    /// Causal softmax over the last dim with this many query rows per block.
+    Causal(usize),
+}
+
 struct SoftmaxBackward {
-    log: bool,
+    kind: Kind,
 }
 
 impl CustomBackward for SoftmaxBackward {
     fn name(&self) -> &'static str {
-        if self.log {
-            "log_softmax"
-        } else {
-            "softmax"
+        match self.kind {
+            Kind::Softmax => "softmax",
+            Kind::LogSoftmax => "log_softmax",
+            Kind::Causal(_) => "causal_softmax",
         }
     }
 
@@ -28,13 +37,11 @@ impl CustomBackward for SoftmaxBackward {
         grad: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
         let d = out.dims().last().copied().unwrap_or(1);
-        let log = self.log;
-        let storage = fused_kernel(&[out, grad], out.dtype(), |v| {
-            if log {
-                k::log_softmax_backward_rows(v[0], v[1], d)
-            } else {
-                k::softmax_backward_rows(v[0], v[1], d)
-            }
+        let kind = self.kind;
+        let storage = fused_kernel(&[out, grad], out.dtype(), |v| match kind {
+            Kind::Softmax => k::softmax_backward_rows(v[0], v[1], d),
+            Kind::LogSoftmax => k::log_softmax_backward_rows(v[0], v[1], d),
+            Kind::Causal(q) => k::causal_softmax_backward_rows(v[0], v[1], d, q),
         })?;
         Ok(vec![Some(Tensor::from_storage(
             storage,
@@ -63,7 +70,8 @@ impl Tensor {
                 k::softmax_rows(v[0], n)
             }
         })?;
-        let op = Op::Custom(vec![self.clone()], Arc::new(SoftmaxBackward { log }));
+        let kind = if log { Kind::LogSoftmax } else { Kind::Softmax };
+        let op = Op::Custom(vec![self.clone()], Arc::new(SoftmaxBackward { kind }));
         Ok(Tensor::from_storage(
             storage,
             self.shape().clone(),
@@ -76,8 +84,112 @@ impl Tensor {
         self.softmax_impl(dim, false)
     }
 
+    /// Softmax over the last dim of `[.., q, k]` scores under a causal mask: query row i attends to keys
+    /// 0..=i + (k − q) (the last q of k positions are the queries) and gives the rest exactly zero
+    /// weight. The same as adding the additive −∞ mask and taking `softmax(-1)`, without building the
+    /// mask or reading the hidden half in backward. Needs rank ≥ 2 and q ≤ k.
+    pub fn causal_softmax(&self) -> Result<Tensor> {
+        let &[.., q, n] = self.dims() else {
+            crate::bail!(
+                "causal_softmax",
+                "need at least [queries, keys] dims, got shape {}",
+                self.shape()
+            );
+        };
+        if q > n {
+            return Err(Error::ShapeMismatch {
+                op: "causal_softmax (more queries than keys)",
+                lhs: self.dims().to_vec(),
+                rhs: vec![n, n],
+            });
+        }
+        let storage = fused_kernel(&[self], self.dtype(), |v| {
+            k::causal_softmax_rows(v[0], n, q)
+        })?;
+        let op = Op::Custom(
+            vec![self.clone()],
+            Arc::new(SoftmaxBackward {
+                kind: Kind::Causal(q),
+            }),
+        );
+        Ok(Tensor::from_storage(
+            storage,
+            self.shape().clone(),
+            Some(op),
+        ))
+    }
+
     /// x − logsumexp(x) along `dim`.
     pub fn log_softmax(&self, dim: impl Dim) -> Result<Tensor> {
         self.softmax_impl(dim, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Device, Result, Rng, Tensor};
+
+    /// Naive f64 causal softmax of rows of `[.., q, k]` data and its backward for upstream gradient `g`:
+    /// (y, dx) with dx = y ⊙ (g − Σ g⊙y) over each row's visible keys.
+    fn reference(x: &[f32], g: &[f32], q: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+        let (mut y, mut dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        for r in 0..x.len() / k {
+            let seen = r % q + 1 + (k - q);
+            let row = &x[r * k..r * k + seen];
+            let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let s: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+            for j in 0..seen {
+                y[r * k + j] = (x[r * k + j] as f64 - m).exp() / s;
+            }
+            let dot: f64 = (0..seen).map(|j| y[r * k + j] * g[r * k + j] as f64).sum();
+            for j in 0..seen {
+                dx[r * k + j] = y[r * k + j] * (g[r * k + j] as f64 - dot);
+            }
+        }
+        (y, dx)
+    }
+
+    #[test]
+    fn causal_softmax_matches_f64_reference() -> Result<()> {
+        let mut rng = Rng::new(7);
+        // Square (self-attention) and q < k (queries are the last q of k positions, as with a KV cache);
+        // lengths that leave vector tails.
+        for (lead, q, k) in [
+            (vec![2, 3], 17, 17),
+            (vec![4], 5, 37),
+            (vec![], 1, 1),
+            (vec![1], 33, 40),
+        ] {
+            let shape = [lead.as_slice(), &[q, k]].concat();
+            let n: usize = shape.iter().product();
+            let xv: Vec<f32> = (0..n).map(|_| rng.normal_f64() as f32 * 3.0).collect();
+            let gv: Vec<f32> = (0..n).map(|_| rng.normal_f64() as f32).collect();
+            let x = Tensor::from_vec(xv.clone(), shape.clone(), Device::Cpu)?.var()?;
+            let g = Tensor::from_vec(gv.clone(), shape.clone(), Device::Cpu)?;
+            let y = x.causal_softmax()?;
+            let grads = y.mul(&g)?.sum_all()?.backward()?;
+            let (want_y, want_dx) = reference(&xv, &gv, q, k);
+            let got_y = y.to_vec_f32();
+            let got_dx = grads.get(&x).unwrap().to_vec_f32();
+            for i in 0..n {
+                assert!(
+                    (got_y[i] as f64 - want_y[i]).abs() <= 1e-6,
+                    "y[{i}] of {shape:?}"
+                );
+                assert!(
+                    (got_dx[i] as f64 - want_dx[i]).abs() <= 1e-5,
+                    "dx[{i}] of {shape:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_softmax_needs_keys_for_every_query() {
+        let x = Tensor::zeros((3, 2), crate::DType::F32, Device::Cpu).unwrap();
+        assert!(x.causal_softmax().is_err());
+        let v = Tensor::zeros(4, crate::DType::F32, Device::Cpu).unwrap();
+        assert!(v.causal_softmax().is_err());
     }
 }
