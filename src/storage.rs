@@ -238,6 +238,72 @@ impl Storage {
         Ok(Storage::Cpu(CpuStorage::from_f32(out, dtype)))
     }
 
+    /// Entries `ids` of the middle dim of a contiguous view [outer, size, inner].
+    pub fn index_select(&self, layout: &Layout, split: cpu::index::Split, ids: &[i64]) -> Storage {
+        Storage::Cpu(self.cpu().index_select(layout, split, ids))
+    }
+
+    /// `self` (a view [outer, size, inner]) with `src` [outer, ids.len(), inner] added at `ids`.
+    pub fn index_add(
+        &self,
+        layout: &Layout,
+        src: &Storage,
+        src_layout: &Layout,
+        (outer, size, inner): cpu::index::Split,
+        ids: &[i64],
+    ) -> Storage {
+        let mut base = self.to_f32_vec(layout);
+        cpu::index::index_add(
+            &mut base,
+            outer,
+            size,
+            inner,
+            ids,
+            &src.to_f32_vec(src_layout),
+        );
+        Storage::Cpu(CpuStorage::from_f32(base, self.dtype()))
+    }
+
+    /// `out[o, j, n] = self[o, ids[o, j, n], n]` for a view [outer, size, inner] and ids [outer, k, inner].
+    pub fn gather(
+        &self,
+        layout: &Layout,
+        (outer, size, inner): cpu::index::Split,
+        ids: &[i64],
+        k: usize,
+    ) -> Storage {
+        let out = cpu::index::gather(&self.to_f32_vec(layout), outer, size, inner, ids, k);
+        Storage::Cpu(CpuStorage::from_f32(out, self.dtype()))
+    }
+
+    /// `self` with `src[o, j, n]` added at `[o, ids[o, j, n], n]`.
+    pub fn scatter_add(
+        &self,
+        layout: &Layout,
+        src: &Storage,
+        src_layout: &Layout,
+        (outer, size, inner): cpu::index::Split,
+        ids: &[i64],
+        k: usize,
+    ) -> Storage {
+        let mut base = self.to_f32_vec(layout);
+        let src = src.to_f32_vec(src_layout);
+        cpu::index::scatter_add(&mut base, size, inner, ids, &src, outer, k);
+        Storage::Cpu(CpuStorage::from_f32(base, self.dtype()))
+    }
+
+    /// Joins contiguous views of one dtype along their middle dim.
+    pub fn cat(
+        parts: &[(&Storage, &Layout)],
+        sizes: &[usize],
+        outer: usize,
+        inner: usize,
+    ) -> Storage {
+        let cpu_parts: Vec<(&CpuStorage, &Layout)> =
+            parts.iter().map(|(s, l)| (s.cpu(), *l)).collect();
+        Storage::Cpu(CpuStorage::cat(&cpu_parts, sizes, outer, inner))
+    }
+
     pub fn copy_strided(&self, layout: &Layout) -> Storage {
         Storage::Cpu(self.cpu().copy_strided(layout))
     }

@@ -1,7 +1,64 @@
 //! Indexing kernels on contiguous inputs viewed as [outer, dim, inner]: index_select, index_add, gather,
 //! scatter_add and cat. Indices are validated by the caller.
 
+use super::{map_typed, CpuStorage};
+use crate::dtype::DType;
+use crate::layout::Layout;
 use rayon::prelude::*;
+
+/// Sizes of a tensor around the indexed dim: [outer, size, inner].
+pub type Split = (usize, usize, usize);
+
+impl CpuStorage {
+    /// index_select along the middle dim of a contiguous view [outer, size, inner].
+    pub fn index_select(
+        &self,
+        layout: &Layout,
+        (outer, size, inner): Split,
+        ids: &[i64],
+    ) -> CpuStorage {
+        let range = layout
+            .contiguous_range()
+            .expect("caller passes a contiguous view");
+        map_typed!(self, |v| index_select(
+            &v[range.clone()],
+            outer,
+            size,
+            inner,
+            ids
+        ))
+    }
+
+    /// Joins contiguous views along the middle dim; part p is [outer, sizes[p], inner], all of one dtype.
+    pub fn cat(
+        parts: &[(&CpuStorage, &Layout)],
+        sizes: &[usize],
+        outer: usize,
+        inner: usize,
+    ) -> CpuStorage {
+        let (first, _) = parts[0];
+        let range = |l: &Layout| {
+            l.contiguous_range()
+                .expect("caller passes contiguous views")
+        };
+        macro_rules! slices {
+            ($as:ident) => {
+                parts
+                    .iter()
+                    .map(|(s, l)| &s.$as().expect("one dtype")[range(l)])
+                    .collect::<Vec<_>>()
+            };
+        }
+        match first.dtype() {
+            DType::F32 => CpuStorage::F32(cat(&slices!(as_f32), sizes, outer, inner)),
+            DType::F16 => CpuStorage::F16(cat(&slices!(as_f16), sizes, outer, inner)),
+            DType::BF16 => CpuStorage::BF16(cat(&slices!(as_bf16), sizes, outer, inner)),
+            DType::I32 => CpuStorage::I32(cat(&slices!(as_i32), sizes, outer, inner)),
+            DType::I8 => CpuStorage::I8(cat(&slices!(as_i8), sizes, outer, inner)),
+            DType::U8 => CpuStorage::U8(cat(&slices!(as_u8), sizes, outer, inner)),
+        }
+    }
+}
 
 /// out[o, i, n] = src[o, ids[i], n]; `src` is [outer, dim, inner].
 pub fn index_select<T: Copy + Send + Sync + Default>(

@@ -48,6 +48,40 @@ pub trait ByteSource: Send + Sync {
     fn bytes(&self) -> &[u8];
 }
 
+/// Applies a generic expression to the typed slice of a storage and wraps the result in the same variant,
+/// so dtype-agnostic kernels (copies, gathers, joins) are written once.
+macro_rules! map_typed {
+    ($s:expr, |$v:ident| $body:expr) => {
+        match $s.dtype() {
+            DType::F32 => CpuStorage::F32({
+                let $v = $s.as_f32().expect("dtype matched");
+                $body
+            }),
+            DType::F16 => CpuStorage::F16({
+                let $v = $s.as_f16().expect("dtype matched");
+                $body
+            }),
+            DType::BF16 => CpuStorage::BF16({
+                let $v = $s.as_bf16().expect("dtype matched");
+                $body
+            }),
+            DType::I32 => CpuStorage::I32({
+                let $v = $s.as_i32().expect("dtype matched");
+                $body
+            }),
+            DType::I8 => CpuStorage::I8({
+                let $v = $s.as_i8().expect("dtype matched");
+                $body
+            }),
+            DType::U8 => CpuStorage::U8({
+                let $v = $s.as_u8().expect("dtype matched");
+                $body
+            }),
+        }
+    };
+}
+pub(crate) use map_typed;
+
 /// Tensor data in host memory.
 #[derive(Clone)]
 pub enum CpuStorage {
@@ -163,14 +197,7 @@ impl CpuStorage {
 
     /// Copies a strided view into new contiguous storage of the same dtype.
     pub fn copy_strided(&self, layout: &Layout) -> CpuStorage {
-        match self.dtype() {
-            DType::F32 => CpuStorage::F32(gather(self.as_f32().unwrap(), layout)),
-            DType::F16 => CpuStorage::F16(gather(self.as_f16().unwrap(), layout)),
-            DType::BF16 => CpuStorage::BF16(gather(self.as_bf16().unwrap(), layout)),
-            DType::I32 => CpuStorage::I32(gather(self.as_i32().unwrap(), layout)),
-            DType::I8 => CpuStorage::I8(gather(self.as_i8().unwrap(), layout)),
-            DType::U8 => CpuStorage::U8(gather(self.as_u8().unwrap(), layout)),
-        }
+        map_typed!(self, |v| gather(v, layout))
     }
 
     /// Little-endian bytes of a strided view, row-major (for serialisation).

@@ -1,7 +1,5 @@
 //! Indexing and joining: index_select/embedding, index_add, gather, scatter_add, cat, stack.
 
-use crate::cpu::{self, CpuStorage};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::op::Op;
 use crate::shape::Dim;
@@ -37,10 +35,6 @@ fn split(t: &Tensor, dim: usize) -> (usize, usize, usize) {
     )
 }
 
-fn f32_contiguous(t: &Tensor) -> Vec<f32> {
-    t.to_vec_f32()
-}
-
 impl Tensor {
     /// Selects entries `ids` (a 1-d integer tensor) along `dim`.
     pub fn index_select<D: Dim>(&self, ids: &Tensor, dim: D) -> Result<Tensor> {
@@ -51,60 +45,13 @@ impl Tensor {
         let (outer, size, inner) = split(self, d);
         let idx = indices(ids, size, "index_select")?;
         let src = self.contiguous()?;
-        // A contiguous view can still start past the storage's first element (a narrow of dim 0).
-        let range = src
-            .layout()
-            .contiguous_range()
-            .expect("contiguous() returned a contiguous view");
-        let s = src.storage();
-        let storage = match s.cpu().dtype() {
-            DType::F32 => CpuStorage::F32(cpu::index::index_select(
-                &s.cpu().as_f32().unwrap()[range.clone()],
-                outer,
-                size,
-                inner,
-                &idx,
-            )),
-            DType::F16 => CpuStorage::F16(cpu::index::index_select(
-                &s.cpu().as_f16().unwrap()[range.clone()],
-                outer,
-                size,
-                inner,
-                &idx,
-            )),
-            DType::BF16 => CpuStorage::BF16(cpu::index::index_select(
-                &s.cpu().as_bf16().unwrap()[range.clone()],
-                outer,
-                size,
-                inner,
-                &idx,
-            )),
-            DType::I32 => CpuStorage::I32(cpu::index::index_select(
-                &s.cpu().as_i32().unwrap()[range.clone()],
-                outer,
-                size,
-                inner,
-                &idx,
-            )),
-            DType::I8 => CpuStorage::I8(cpu::index::index_select(
-                &s.cpu().as_i8().unwrap()[range.clone()],
-                outer,
-                size,
-                inner,
-                &idx,
-            )),
-            DType::U8 => CpuStorage::U8(cpu::index::index_select(
-                &s.cpu().as_u8().unwrap()[range.clone()],
-                outer,
-                size,
-                inner,
-                &idx,
-            )),
-        };
+        let storage = src
+            .storage()
+            .index_select(src.layout(), (outer, size, inner), &idx);
         let mut shape = self.dims().to_vec();
         shape[d] = idx.len();
         Ok(Tensor::from_storage(
-            Storage::Cpu(storage),
+            storage,
             shape,
             Some(Op::IndexSelect(self.clone(), ids.clone(), d)),
         ))
@@ -133,9 +80,13 @@ impl Tensor {
                 rhs: src.dims().to_vec(),
             });
         }
-        let mut base = f32_contiguous(self);
-        cpu::index::index_add(&mut base, outer, size, inner, &idx, &f32_contiguous(src));
-        let storage = Storage::Cpu(CpuStorage::from_f32(base, self.dtype()));
+        let storage = self.storage().index_add(
+            self.layout(),
+            &src.storage(),
+            src.layout(),
+            (outer, size, inner),
+            &idx,
+        );
         Ok(Tensor::from_storage(
             storage,
             self.shape().clone(),
@@ -149,15 +100,9 @@ impl Tensor {
         check_same_except(self, ids, d, "gather")?;
         let (outer, size, inner) = split(self, d);
         let idx = indices(ids, size, "gather")?;
-        let out = cpu::index::gather(
-            &f32_contiguous(self),
-            outer,
-            size,
-            inner,
-            &idx,
-            ids.dims()[d],
-        );
-        let storage = Storage::Cpu(CpuStorage::from_f32(out, self.dtype()));
+        let storage =
+            self.storage()
+                .gather(self.layout(), (outer, size, inner), &idx, ids.dims()[d]);
         Ok(Tensor::from_storage(
             storage,
             ids.shape().clone(),
@@ -178,17 +123,14 @@ impl Tensor {
         }
         let (outer, size, inner) = split(self, d);
         let idx = indices(ids, size, "scatter_add")?;
-        let mut base = f32_contiguous(self);
-        cpu::index::scatter_add(
-            &mut base,
-            size,
-            inner,
+        let storage = self.storage().scatter_add(
+            self.layout(),
+            &src.storage(),
+            src.layout(),
+            (outer, size, inner),
             &idx,
-            &f32_contiguous(src),
-            outer,
             ids.dims()[d],
         );
-        let storage = Storage::Cpu(CpuStorage::from_f32(base, self.dtype()));
         Ok(Tensor::from_storage(
             storage,
             self.shape().clone(),
@@ -226,31 +168,17 @@ impl Tensor {
             .iter()
             .map(|t| t.contiguous())
             .collect::<Result<_>>()?;
-        let guards: Vec<_> = parts
+        let guards: Vec<_> = parts.iter().map(|t| t.storage()).collect();
+        let views: Vec<(&Storage, &crate::layout::Layout)> = guards
             .iter()
-            .map(|t| (t.storage(), t.layout().clone()))
+            .zip(&parts)
+            .map(|(g, t)| (&**g, t.layout()))
             .collect();
-        macro_rules! join {
-            ($variant:ident, $slice:ident) => {{
-                let slices: Vec<&[_]> = guards
-                    .iter()
-                    .map(|(s, l)| &s.cpu().$slice().unwrap()[l.contiguous_range().unwrap()])
-                    .collect();
-                CpuStorage::$variant(cpu::index::cat(&slices, &sizes, outer, inner))
-            }};
-        }
-        let storage = match first.dtype() {
-            DType::F32 => join!(F32, as_f32),
-            DType::F16 => join!(F16, as_f16),
-            DType::BF16 => join!(BF16, as_bf16),
-            DType::I32 => join!(I32, as_i32),
-            DType::I8 => join!(I8, as_i8),
-            DType::U8 => join!(U8, as_u8),
-        };
+        let storage = Storage::cat(&views, &sizes, outer, inner);
         let mut shape = first.dims().to_vec();
         shape[d] = sizes.iter().sum();
         Ok(Tensor::from_storage(
-            Storage::Cpu(storage),
+            storage,
             shape,
             Some(Op::Cat(tensors.to_vec(), d)),
         ))
