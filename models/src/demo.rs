@@ -37,6 +37,9 @@ pub struct TrainOptions {
     /// Where to save a checkpoint at the end (and every `save_every` steps).
     pub checkpoint: Option<PathBuf>,
     pub save_every: Option<u64>,
+    /// Stop after this step as if interrupted (the schedule still spans `steps`); resume later with the
+    /// same `steps` to finish the identical run.
+    pub stop_after: Option<u64>,
     /// A checkpoint to continue from.
     pub resume: Option<PathBuf>,
     pub prompt: String,
@@ -71,6 +74,7 @@ impl TrainOptions {
             eval_windows: 32,
             checkpoint: None,
             save_every: None,
+            stop_after: None,
             resume: None,
             prompt: "And God said".to_string(),
             sample_len: 200,
@@ -97,6 +101,14 @@ impl TrainOptions {
                 "train",
                 "min_lr_ratio must be in [0, 1], got {}",
                 self.min_lr_ratio
+            );
+        }
+        if self.stop_after.is_some_and(|s| s == 0 || s > self.steps) {
+            trit::bail!(
+                "train",
+                "--stop-after must be between 1 and --steps ({}), got {}",
+                self.steps,
+                self.stop_after.unwrap_or_default()
             );
         }
         if self.save_every == Some(0) {
@@ -355,6 +367,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     ),
                 });
             }
+            if opts.stop_after.is_some_and(|s| step >= s) {
+                return Err(Error::Checkpoint {
+                    path: path.display().to_string(),
+                    msg: format!("it is already at step {step}, past --stop-after"),
+                });
+            }
             note(format!("resumed from {} at step {step}", path.display()));
             step
         }
@@ -382,7 +400,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let tokens_per_step = (opts.batch * opts.seq) as u64;
     let mut train_time = Duration::ZERO;
     let mut step = first_step;
-    while step < opts.steps {
+    let end = opts.stop_after.unwrap_or(opts.steps);
+    while step < end {
         let t = Instant::now();
         opt.set_lr(schedule.lr_at(step));
         let batch = random_batch(corpus.train(), opts.batch, opts.seq, &mut rng, Device::Cpu)?;
@@ -399,7 +418,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.3} | {} tok/s", thousands(rate as u64)));
         if let (Some(path), Some(every)) = (&opts.checkpoint, opts.save_every) {
-            if step.is_multiple_of(every) && step < opts.steps {
+            if step.is_multiple_of(every) && step < end {
                 save_checkpoint(path, opts, &params, &opt, step, &rng)?;
             }
         }

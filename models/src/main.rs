@@ -132,6 +132,10 @@ struct TrainArgs {
     /// Also save the checkpoint every N steps (needs --checkpoint).
     #[arg(long, value_name = "N")]
     save_every: Option<u64>,
+    /// Stop after step N as if interrupted, keeping the learning-rate schedule of the full --steps
+    /// (with --checkpoint, resume later with the same --steps to finish the identical run).
+    #[arg(long, value_name = "N")]
+    stop_after: Option<u64>,
     /// Bytes to generate after training (0 skips the sample).
     #[arg(long)]
     sample_len: Option<usize>,
@@ -154,6 +158,7 @@ impl TrainArgs {
         o.seed = self.seed;
         o.checkpoint = self.checkpoint.clone();
         o.save_every = self.save_every;
+        o.stop_after = self.stop_after;
         o.sample_len = self.sample_len.unwrap_or(o.sample_len);
         o.prompt = self.prompt.clone().unwrap_or(o.prompt);
         o.resume = resume;

@@ -71,26 +71,27 @@ fn json_summary_has_the_documented_fields() {
 
 #[test]
 fn resuming_a_checkpoint_matches_an_uninterrupted_run() {
-    // A constant learning rate makes the schedule independent of the total step count, so "4 steps, then
-    // 4 more from the checkpoint" must equal "8 steps" exactly.
-    let constant = TrainOptions {
+    // The real schedule (warmup, then cosine decay over all 8 steps): a run interrupted after step 4 and
+    // resumed from its checkpoint must equal the uninterrupted run bit for bit.
+    let opts = TrainOptions {
         batch: 4,
         seq: 32,
-        warmup: 0,
-        min_lr_ratio: 1.0,
+        warmup: 2,
         ..tiny(8)
     };
     let path = temp_path("resume.safetensors");
-    let whole = train(&constant).expect("uninterrupted run");
+    let whole = train(&opts).expect("uninterrupted run");
     let first = TrainOptions {
-        steps: 4,
+        stop_after: Some(4),
         checkpoint: Some(path.clone()),
-        ..constant.clone()
+        ..opts.clone()
     };
-    train(&first).expect("first half");
+    let interrupted = train(&first).expect("first half");
+    assert_eq!(interrupted.steps, 4);
+    assert_ne!(interrupted.final_val_loss, whole.final_val_loss);
     let rest = TrainOptions {
         resume: Some(path.clone()),
-        ..constant.clone()
+        ..opts.clone()
     };
     let resumed = train(&rest).expect("second half");
     assert_eq!(resumed.steps, 8);
