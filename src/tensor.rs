@@ -418,6 +418,16 @@ impl Tensor {
         self.storage().to_f32_vec(self.layout())
     }
 
+    /// Runs `f` on the elements as a row-major f32 slice: borrowed in place for contiguous f32 tensors (the
+    /// optimizers' per-step gradient reads), converted into a temporary otherwise.
+    pub(crate) fn with_f32_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        let storage = self.storage();
+        match (storage.cpu().as_f32(), self.layout().contiguous_range()) {
+            (Some(v), Some(range)) => f(&v[range]),
+            _ => f(&storage.to_f32_vec(self.layout())),
+        }
+    }
+
     /// The elements as i64 (index tensors), row-major.
     pub fn to_vec_i64(&self) -> Vec<i64> {
         self.storage().to_i64_vec(self.layout())

@@ -136,3 +136,37 @@ fn clipping_scales_to_max_norm() {
     assert!((norm - 1.0).abs() < 1e-4);
     assert!((grads.get(&a).unwrap().to_vec::<f32>().unwrap()[0] - 0.6).abs() < 1e-5);
 }
+
+#[test]
+fn a_gradient_sharing_the_parameters_storage_does_not_deadlock() {
+    // A hand-built store may hold the parameter itself as its gradient; the update reads the gradient
+    // while writing the parameter, so the optimizers must copy it first.
+    let p = var(&[2.0, -4.0]);
+    let mut grads = GradStore::new();
+    grads.insert(&p, p.clone());
+    let cfg = SgdConfig {
+        lr: 0.5,
+        momentum: 0.0,
+        weight_decay: 0.0,
+        nesterov: false,
+    };
+    Sgd::new(vec![("p".into(), p.clone())], cfg)
+        .unwrap()
+        .step(&grads)
+        .unwrap();
+    assert_eq!(p.to_vec::<f32>().unwrap(), vec![1.0, -2.0]);
+    let mut adam = AdamW::new(
+        vec![("p".into(), p.clone())],
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+    )
+    .unwrap();
+    adam.step(&grads).unwrap();
+    let got = p.to_vec::<f32>().unwrap();
+    assert!(
+        (got[0] - 0.999).abs() < 1e-5 && (got[1] + 1.999).abs() < 1e-5,
+        "{got:?}"
+    );
+}

@@ -112,12 +112,19 @@ impl Optimizer for AdamW {
             let Some(g) = grads.get(&slot.param) else {
                 continue;
             };
-            let g = g.to_vec_f32();
+            // The gradient is read in place while the parameter is written, so it must not share its storage.
+            let g = if g.same_storage(&slot.param) {
+                g.copy()?
+            } else {
+                g.clone()
+            };
             let cfg = self.cfg;
-            slot.m.update_in_place(|m| {
-                slot.v.update_in_place(|v| {
-                    slot.param
-                        .update_in_place(|p| update(p, &g, m, v, &cfg, bc1, bc2))
+            g.with_f32_slice(|g| {
+                slot.m.update_in_place(|m| {
+                    slot.v.update_in_place(|v| {
+                        slot.param
+                            .update_in_place(|p| update(p, g, m, v, &cfg, bc1, bc2))
+                    })
                 })
             })???;
         }

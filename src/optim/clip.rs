@@ -10,11 +10,7 @@ pub fn clip_grad_norm(params: &[Tensor], grads: &mut GradStore, max_norm: f32) -
     let mut sq = 0f64;
     for p in params {
         if let Some(g) = grads.get(p) {
-            sq += g
-                .to_vec_f32()
-                .iter()
-                .map(|&x| (x as f64) * (x as f64))
-                .sum::<f64>();
+            sq += g.with_f32_slice(|v| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>());
         }
     }
     let norm = sq.sqrt() as f32;

@@ -34,19 +34,26 @@ impl Optimizer for Sgd {
         let cfg = self.cfg;
         for (_, buf, p) in &self.slots {
             let Some(g) = grads.get(p) else { continue };
-            let g = g.to_vec_f32();
-            buf.update_in_place(|b| {
-                p.update_in_place(|p| {
-                    for ((p, &g), b) in p.iter_mut().zip(&g).zip(b.iter_mut()) {
-                        let g = g + cfg.weight_decay * *p;
-                        *b = cfg.momentum * *b + g;
-                        let d = if cfg.nesterov {
-                            g + cfg.momentum * *b
-                        } else {
-                            *b
-                        };
-                        *p -= cfg.lr * d;
-                    }
+            // The gradient is read in place while the parameter is written, so it must not share its storage.
+            let g = if g.same_storage(p) {
+                g.copy()?
+            } else {
+                g.clone()
+            };
+            g.with_f32_slice(|g| {
+                buf.update_in_place(|b| {
+                    p.update_in_place(|p| {
+                        for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
+                            let g = g + cfg.weight_decay * *p;
+                            *b = cfg.momentum * *b + g;
+                            let d = if cfg.nesterov {
+                                g + cfg.momentum * *b
+                            } else {
+                                *b
+                            };
+                            *p -= cfg.lr * d;
+                        }
+                    })
                 })
             })??;
         }
