@@ -23,6 +23,7 @@ pub mod nn;
 pub mod op;
 pub mod ops;
 pub mod optim;
+pub mod quant;
 pub mod rng;
 pub mod shape;
 pub mod storage;

@@ -8,6 +8,7 @@ pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod params;
+pub mod quant_linear;
 
 pub use attention::{causal_mask, Attention, AttentionConfig, Rotary};
 pub use block::{BlockConfig, DecoderBlock};
@@ -16,3 +17,4 @@ pub use linear::Linear;
 pub use mlp::{GeluMlp, Mlp, MlpConfig, MlpKind, SwiGluMlp};
 pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
 pub use params::{Init, ParamStore};
+pub use quant_linear::{ActQuant, QuantLinear, QuantLinearConfig};
