@@ -4,8 +4,12 @@
 //!
 //! Parameter names follow Hugging Face's `LlamaForCausalLM` (`model.embed_tokens.weight`,
 //! `model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`) so its checkpoints map one to one.
+//!
+//! Generation decodes incrementally through a per-layer KV cache ([`Llama::forward_cached`]) in a
+//! format of the caller's choice (f32 by default, or f16/int8/int4, see [`KvFormat`]).
 
 use std::fmt;
+use trit::nn::kv_cache::{KvCache, KvFormat};
 use trit::nn::{
     AttentionConfig, BlockConfig, DecoderBlock, Embedding, Init, Linear, MlpConfig, MlpKind,
     NormKind, ParamStore, RmsNorm, Rotary,
@@ -246,11 +250,72 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(&x, Some(rotary), true)?;
         }
-        let x = self.norm.forward(&x)?;
+        self.logits(&x)
+    }
+
+    /// The final norm and the output projection.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(x)?;
         match &self.lm_head {
             Some(head) => head.forward(&x),
             None => self.embed_tokens.unembed(&x),
         }
+    }
+
+    /// One empty KV cache per layer for `batch` sequences, stored as `format`, with room reserved for
+    /// `max_seq` tokens.
+    pub fn kv_caches(&self, batch: usize, format: KvFormat) -> Result<Vec<KvCache>> {
+        let c = &self.cfg;
+        (0..c.layers)
+            .map(|_| KvCache::with_capacity(batch, c.kv_heads, c.head_dim(), format, c.max_seq))
+            .collect()
+    }
+
+    /// Incremental forward: `ids [batch, seq]` are the tokens that follow the ones already in `caches`
+    /// (one per layer, from [`Llama::kv_caches`]); they are appended to the caches. Returns their logits
+    /// `[batch, seq, vocab]`, equal (up to the cache format's rounding) to the last `seq` positions of
+    /// [`Llama::forward`] over the whole sequence. Not differentiable. On an error (caches that do not
+    /// fit, more than max_seq tokens in all, ids outside the vocabulary) the caches are left unchanged.
+    pub fn forward_cached(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        let &[batch, seq] = ids.dims() else {
+            trit::bail!(
+                "Llama::forward_cached",
+                "ids must be [batch, seq], got shape {}",
+                ids.shape()
+            );
+        };
+        let c = &self.cfg;
+        let cached = caches.first().map_or(0, KvCache::len);
+        let fits = caches.len() == c.layers
+            && caches.iter().all(|k| {
+                [k.batch(), k.heads(), k.head_dim(), k.len()]
+                    == [batch, c.kv_heads, c.head_dim(), cached]
+            });
+        if !fits {
+            let shapes: Vec<_> = caches
+                .iter()
+                .map(|k| [k.batch(), k.heads(), k.len(), k.head_dim()])
+                .collect();
+            trit::bail!(
+                "Llama::forward_cached",
+                "need {} caches of [batch {batch}, kv heads {}, equal lengths, head_dim {}], got {shapes:?}",
+                c.layers,
+                c.kv_heads,
+                c.head_dim()
+            );
+        }
+        if seq == 0 || cached + seq > c.max_seq {
+            trit::bail!(
+                "Llama::forward_cached",
+                "{seq} new tokens after {cached} cached: need 1 ≤ new and a total ≤ max_seq {}",
+                c.max_seq
+            );
+        }
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            x = layer.forward_cached(&x, Some(&self.rope), cache)?;
+        }
+        self.logits(&x)
     }
 
     /// Mean next-token cross-entropy of `forward(ids)` against `targets [batch, seq]`.
@@ -264,13 +329,30 @@ impl Llama {
 
     /// Continues `prompt` by `n` tokens and returns the new ones. Temperature 0 picks the most likely token
     /// (greedy); otherwise tokens are sampled from softmax(logits / temperature), restricted to the
-    /// `top_k` most likely when given. The context is the last `max_seq` tokens, re-run in full each step.
+    /// `top_k` most likely when given. Decodes through an f32 KV cache; see [`Llama::generate_with_kv`].
     pub fn generate(
         &self,
         prompt: &[u32],
         n: usize,
         temperature: f32,
         top_k: Option<usize>,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>> {
+        self.generate_with_kv(prompt, n, temperature, top_k, KvFormat::F32, rng)
+    }
+
+    /// [`Llama::generate`] with the KV cache stored as `kv`. The prompt (its last max_seq tokens) is
+    /// encoded in one pass, then each step runs only the newest token against the cache. When the
+    /// context outgrows max_seq, the cache restarts from the most recent max_seq / 2 tokens (re-encoded
+    /// at positions from 0), so a long generation pays one such prefill every max_seq / 2 tokens rather
+    /// than a full re-run per token.
+    pub fn generate_with_kv(
+        &self,
+        prompt: &[u32],
+        n: usize,
+        temperature: f32,
+        top_k: Option<usize>,
+        kv: KvFormat,
         rng: &mut Rng,
     ) -> Result<Vec<u32>> {
         if prompt.is_empty() {
@@ -293,14 +375,27 @@ impl Llama {
             trit::bail!("Llama::generate", "top_k must be at least 1");
         }
         let _no_grad = trit::no_grad();
+        let window = self.cfg.max_seq;
+        let mut caches = self.kv_caches(1, kv)?;
         let mut tokens = prompt.to_vec();
+        // tokens[first..first + cache length] are in the caches.
+        let mut first = 0;
         for _ in 0..n {
-            let ctx = &tokens[tokens.len().saturating_sub(self.cfg.max_seq)..];
-            let ids: Vec<i32> = ctx.iter().map(|&t| t as i32).collect();
-            let ids = Tensor::from_vec(ids, (1, ctx.len()), self.device())?;
+            if tokens.len() - first > window {
+                let keep = if caches[0].is_empty() {
+                    window
+                } else {
+                    (window / 2).max(1)
+                };
+                caches.iter_mut().for_each(KvCache::clear);
+                first = tokens.len() - keep;
+            }
+            let new = &tokens[first + caches[0].len()..];
+            let ids: Vec<i32> = new.iter().map(|&t| t as i32).collect();
+            let ids = Tensor::from_vec(ids, (1, new.len()), self.device())?;
             let logits = self
-                .forward(&ids)?
-                .narrow(1, ctx.len() - 1, 1)?
+                .forward_cached(&ids, &mut caches)?
+                .narrow(1, new.len() - 1, 1)?
                 .to_dtype(DType::F32)?
                 .to_vec::<f32>()?;
             tokens.push(sample(&logits, temperature, top_k, rng));
@@ -441,11 +536,165 @@ mod tests {
         let a = model.generate(&prompt, 8, 1.0, Some(10), &mut Rng::new(2))?;
         let b = model.generate(&prompt, 8, 1.0, Some(10), &mut Rng::new(2))?;
         assert_eq!(a, b);
-        // Longer than max_seq: the context slides.
+        // Longer than max_seq: the cache restarts from the recent half of the context.
         assert_eq!(
             model.generate(&[1], 70, 0.0, None, &mut Rng::new(3))?.len(),
             70
         );
+        Ok(())
+    }
+
+    #[test]
+    fn past_max_seq_generation_restarts_from_the_recent_half() -> Result<()> {
+        let model = peaked(2)?;
+        let prompt = [1u32, 2, 3];
+        let generated = model.generate(&prompt, 150, 0.0, None, &mut Rng::new(0))?;
+        let (window, mut first) = (model.config().max_seq, 0);
+        let mut seq = prompt.to_vec();
+        for &t in &generated {
+            if seq.len() - first > window {
+                first = seq.len() - window / 2;
+            }
+            let ctx: Vec<i32> = seq[first..].iter().map(|&t| t as i32).collect();
+            let n = ctx.len();
+            let ids = Tensor::from_vec(ctx, (1, n), Device::Cpu)?;
+            let last = model.forward(&ids)?.narrow(1, n - 1, 1)?.flatten_all()?;
+            assert_eq!(
+                last.argmax(0)?.to_vec_i64(),
+                vec![t as i64],
+                "at {}",
+                seq.len()
+            );
+            seq.push(t);
+        }
+        // The context restarted at 65, 98 and 131 tokens.
+        assert_eq!(first, 131 - window / 2);
+        Ok(())
+    }
+
+    /// A tiny model with weights large enough that its logits are far from uniform, so that cached and
+    /// uncached decoding have something to disagree about.
+    fn peaked(kv_heads: usize) -> Result<Llama> {
+        let ps = ParamStore::new(5, DType::F32, Device::Cpu);
+        let cfg = LlamaConfig {
+            kv_heads,
+            ..LlamaConfig::tiny()
+        };
+        let model = Llama::new(&ps, cfg)?;
+        let mut rng = Rng::new(6);
+        for (name, p) in ps.all() {
+            let mean = if name.contains("norm") { 1.0 } else { 0.0 };
+            p.set(&Tensor::randn(p.dims(), mean, 0.15, &mut rng, Device::Cpu)?)?;
+        }
+        Ok(model)
+    }
+
+    /// Greedy tokens and per-step logits of cached decoding.
+    fn cached_steps(
+        model: &Llama,
+        prompt: &[u32],
+        n: usize,
+        kv: KvFormat,
+    ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+        let mut caches = model.kv_caches(1, kv)?;
+        let mut seq = prompt.to_vec();
+        let mut new = prompt.to_vec();
+        let mut all = Vec::new();
+        for _ in 0..n {
+            let ids: Vec<i32> = new.iter().map(|&t| t as i32).collect();
+            let ids = Tensor::from_vec(ids, (1, new.len()), Device::Cpu)?;
+            let logits = model.forward_cached(&ids, &mut caches)?;
+            let last = logits.narrow(1, new.len() - 1, 1)?.to_vec_f32();
+            let t = sample(&last, 0.0, None, &mut Rng::new(0));
+            all.push(last);
+            seq.push(t);
+            new = vec![t];
+        }
+        Ok((seq.split_off(prompt.len()), all))
+    }
+
+    #[test]
+    fn cached_decoding_matches_the_full_forward() -> Result<()> {
+        for kv_heads in [4, 2, 1] {
+            let model = peaked(kv_heads)?;
+            let prompt = [72u32, 101, 108, 108, 111, 44, 32];
+            let (tokens, logits) = cached_steps(&model, &prompt, 20, KvFormat::F32)?;
+            let mut seq = prompt.to_vec();
+            for (t, got) in tokens.iter().zip(&logits) {
+                let ids: Vec<i32> = seq.iter().map(|&t| t as i32).collect();
+                let ids = Tensor::from_vec(ids, (1, seq.len()), Device::Cpu)?;
+                let want = model
+                    .forward(&ids)?
+                    .narrow(1, seq.len() - 1, 1)?
+                    .to_vec_f32();
+                let spread = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                assert!(spread > 1.0, "logits too flat to test anything: {spread}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-4,
+                        "kv {kv_heads} at {}: {g} vs {w}",
+                        seq.len()
+                    );
+                }
+                seq.push(*t);
+            }
+            // `generate` decodes through the cache and picks the same tokens.
+            let generated = model.generate(&prompt, 20, 0.0, None, &mut Rng::new(1))?;
+            assert_eq!(generated, tokens);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_caches_stay_close_to_the_f32_one() -> Result<()> {
+        let model = peaked(2)?;
+        let prompt = [84u32, 104, 101, 32, 113, 117, 105, 99, 107];
+        let (tokens, exact) = cached_steps(&model, &prompt, 12, KvFormat::F32)?;
+        for (kv, tol) in [
+            (KvFormat::F16, 2e-3),
+            (KvFormat::Int8 { group: 16 }, 3e-2),
+            (KvFormat::Int4 { group: 16 }, 0.5),
+        ] {
+            // Feed the f32 run's tokens so both see the same sequence.
+            let mut caches = model.kv_caches(1, kv)?;
+            let mut seq = prompt.to_vec();
+            seq.extend(&tokens[..11]);
+            let ids: Vec<i32> = seq.iter().map(|&t| t as i32).collect();
+            let ids = Tensor::from_vec(ids, (1, seq.len()), Device::Cpu)?;
+            let got = model.forward_cached(&ids, &mut caches)?;
+            let spread = exact[0].iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (step, want) in exact.iter().enumerate() {
+                let got = got.narrow(1, prompt.len() - 1 + step, 1)?.to_vec_f32();
+                let err = got
+                    .iter()
+                    .zip(want)
+                    .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                assert!(
+                    err <= tol * spread,
+                    "{kv} step {step}: max error {err}, logits up to {spread}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn forward_cached_rejects_caches_that_do_not_fit() -> Result<()> {
+        let (_, model) = tiny()?;
+        let ids = Tensor::from_vec(vec![1i32, 2, 3], (1, 3), Device::Cpu)?;
+        let mut too_few = model.kv_caches(1, KvFormat::F32)?;
+        too_few.pop();
+        assert!(model.forward_cached(&ids, &mut too_few).is_err());
+        let mut wrong_batch = model.kv_caches(2, KvFormat::F32)?;
+        assert!(model.forward_cached(&ids, &mut wrong_batch).is_err());
+        let mut caches = model.kv_caches(1, KvFormat::Int8 { group: 16 })?;
+        model.forward_cached(&ids, &mut caches)?;
+        let long = Tensor::zeros((1, 62), DType::I32, Device::Cpu)?;
+        let err = model.forward_cached(&long, &mut caches).unwrap_err();
+        assert!(err.to_string().contains("max_seq 64"), "{err}");
+        let bad = Tensor::from_vec(vec![1i32, 999], (1, 2), Device::Cpu)?;
+        assert!(model.forward_cached(&bad, &mut caches).is_err());
+        assert!(caches.iter().all(|c| c.len() == 3));
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 
 pub mod elementwise;
 pub mod index;
+pub mod kv_attention;
 pub mod matmul;
 pub mod norm;
 pub mod qmatmul;

@@ -2,7 +2,10 @@
 //!
 //! This is the plain formulation — scores = q·kᵀ/√d + mask, softmax, ·v — built from primitive ops so its
 //! gradient comes from autograd; a fused kernel can replace the middle without changing the module.
+//! [`Attention::forward_cached`] is the incremental-decoding path: it projects only the new tokens and
+//! attends over a [`KvCache`] (not differentiable).
 
+use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::params::{Init, ParamStore};
 use crate::dtype::DType;
@@ -170,6 +173,66 @@ impl Attention {
         let out = probs
             .matmul(&v)?
             .reshape((b, h, s, d))?
+            .transpose(1, 2)?
+            .reshape((b, s, h * d))?;
+        self.o.forward(&out)
+    }
+
+    /// Incremental decoding: `x [batch, seq, hidden]` are the tokens that follow the `cache.len()` tokens
+    /// already in `cache`. Projects only them, rotates their queries and keys at their absolute positions
+    /// cache.len()..cache.len() + seq (when `rope` is given), appends their keys (rotated, see
+    /// [`crate::nn::kv_cache`]) and values to the cache and attends causally over everything cached.
+    /// Equals the last `seq` positions of a causal [`Attention::forward`] over the whole sequence (up to
+    /// the cache format's rounding). Returns `[batch, seq, hidden]`; not differentiable through the cache.
+    ///
+    /// The cache must match the layer ([batch, kv_heads, head_dim]); on any error it is left unchanged.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: Option<&RopeTable>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let &[b, s, hidden] = x.dims() else {
+            crate::bail!(
+                "Attention::forward_cached",
+                "expected [batch, seq, hidden], got shape {}",
+                x.shape()
+            );
+        };
+        if hidden != self.q.in_dim() || s == 0 {
+            return Err(Error::ShapeMismatch {
+                op: "Attention::forward_cached",
+                lhs: x.dims().to_vec(),
+                rhs: vec![b, s.max(1), self.q.in_dim()],
+            });
+        }
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        if [cache.batch(), cache.heads(), cache.head_dim()] != [b, kvh, d] {
+            crate::bail!(
+                "Attention::forward_cached",
+                "a cache of [batch {}, kv heads {}, head_dim {}] does not fit input {:?} to a layer with \
+                 {kvh} kv heads of {d}",
+                cache.batch(),
+                cache.heads(),
+                cache.head_dim(),
+                x.dims()
+            );
+        }
+        let split_heads = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2);
+        let q = split_heads(self.q.forward(x)?, h)?;
+        let k = split_heads(self.k.forward(x)?, kvh)?;
+        let v = split_heads(self.v.forward(x)?, kvh)?;
+        let (q, k) = match rope {
+            Some(table) => {
+                let start = cache.len() as i64;
+                let positions = Tensor::arange(start, start + s as i64, x.device())?;
+                (q.rope(table, &positions)?, k.rope(table, &positions)?)
+            }
+            None => (q, k),
+        };
+        cache.append(&k, &v)?;
+        let out = cache
+            .attend(&q, 1.0 / (d as f32).sqrt())?
             .transpose(1, 2)?
             .reshape((b, s, h * d))?;
         self.o.forward(&out)
@@ -382,6 +445,62 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn cached_decoding_matches_the_full_forward() -> Result<()> {
+        use crate::nn::kv_cache::KvFormat;
+        for (h, kvh) in [(4, 4), (4, 2), (4, 1)] {
+            let (_, attn, table) = setup(h, kvh, 21)?;
+            let x = Tensor::randn((2, 9, 16), 0.0, 1.0, &mut Rng::new(22), Device::Cpu)?;
+            let pos = Tensor::arange(0, 9, Device::Cpu)?;
+            let rotary = Rotary {
+                table: &table,
+                positions: &pos,
+            };
+            let full = attn.forward(&x, Some(rotary), true)?.to_vec_f32();
+            // A prefill chunk of 4 tokens, then one token at a time, then a chunk of 2.
+            let mut cache = KvCache::new(2, kvh, 16 / h, KvFormat::F32)?;
+            let mut got = vec![Vec::new(); 2];
+            for (start, n) in [(0, 4), (4, 1), (5, 1), (6, 1), (7, 2)] {
+                let y = attn.forward_cached(&x.narrow(1, start, n)?, Some(&table), &mut cache)?;
+                assert_eq!(y.dims(), [2, n, 16]);
+                for (bi, g) in got.iter_mut().enumerate() {
+                    g.extend(y.get(bi)?.to_vec_f32());
+                }
+            }
+            assert_eq!(cache.len(), 9);
+            for (g, w) in got.concat().iter().zip(&full) {
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "h {h} kv {kvh}: cached {g} vs full {w}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_cache_that_does_not_fit_is_an_error_and_stays_unchanged() -> Result<()> {
+        use crate::nn::kv_cache::KvFormat;
+        let (_, attn, table) = setup(4, 2, 0)?;
+        let x = Tensor::zeros((1, 3, 16), DType::F32, Device::Cpu)?;
+        for (b, kvh, d) in [(2, 2, 4), (1, 4, 4), (1, 2, 8)] {
+            let mut cache = KvCache::new(b, kvh, d, KvFormat::F32)?;
+            let err = attn
+                .forward_cached(&x, Some(&table), &mut cache)
+                .unwrap_err();
+            assert!(err.to_string().contains("[1, 3, 16]"), "{err}");
+            assert!(cache.is_empty());
+        }
+        // Past the rotary table's positions.
+        let mut cache = KvCache::new(1, 2, 4, KvFormat::F32)?;
+        let long = Tensor::zeros((1, 33, 16), DType::F32, Device::Cpu)?;
+        assert!(attn
+            .forward_cached(&long, Some(&table), &mut cache)
+            .is_err());
+        assert!(cache.is_empty());
         Ok(())
     }
 

@@ -1,10 +1,12 @@
 //! Pre-norm transformer decoder block: h = x + attn(norm₁(x)); out = h + mlp(norm₂(h)).
 
 use super::attention::{Attention, AttentionConfig, Rotary};
+use super::kv_cache::KvCache;
 use super::mlp::{Mlp, MlpConfig};
 use super::norm::{Norm, NormKind};
 use super::params::ParamStore;
 use crate::error::Result;
+use crate::ops::rope::RopeTable;
 use crate::tensor::Tensor;
 
 /// Everything that shapes one block.
@@ -60,6 +62,22 @@ impl DecoderBlock {
             &self
                 .attn
                 .forward(&self.attn_norm.forward(x)?, rotary, causal)?,
+        )?;
+        h.add(&self.mlp.forward(&self.mlp_norm.forward(&h)?)?)
+    }
+
+    /// Incremental decoding: `x [batch, seq, hidden]` are the tokens after those in `cache` (this layer's
+    /// cache); see [`Attention::forward_cached`].
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: Option<&RopeTable>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let h = x.add(
+            &self
+                .attn
+                .forward_cached(&self.attn_norm.forward(x)?, rope, cache)?,
         )?;
         h.add(&self.mlp.forward(&self.mlp_norm.forward(&h)?)?)
     }
@@ -122,6 +140,34 @@ mod tests {
             block.forward(&x, rotary, true)?.to_vec_f32(),
             want.to_vec_f32()
         );
+        Ok(())
+    }
+
+    #[test]
+    fn cached_forward_matches_the_full_forward() -> Result<()> {
+        use crate::nn::kv_cache::KvFormat;
+        let ps = ParamStore::new(5, DType::F32, Device::Cpu);
+        let block = DecoderBlock::new(&ps, &config(Init::Normal(0.2))?)?;
+        let table = RopeTable::new(4, 8, 10_000.0, 1.0, RopeStyle::Half, Device::Cpu)?;
+        let pos = Tensor::arange(0, 6, Device::Cpu)?;
+        let rotary = Some(Rotary {
+            table: &table,
+            positions: &pos,
+        });
+        let x = Tensor::randn((1, 6, 16), 0.0, 1.0, &mut Rng::new(6), Device::Cpu)?;
+        let full = block.forward(&x, rotary, true)?.to_vec_f32();
+        let mut cache = KvCache::new(1, 2, 4, KvFormat::F32)?;
+        let mut got = block
+            .forward_cached(&x.narrow(1, 0, 5)?, Some(&table), &mut cache)?
+            .to_vec_f32();
+        got.extend(
+            block
+                .forward_cached(&x.narrow(1, 5, 1)?, Some(&table), &mut cache)?
+                .to_vec_f32(),
+        );
+        for (g, w) in got.iter().zip(&full) {
+            assert!((g - w).abs() < 1e-5, "cached {g} vs full {w}");
+        }
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod block;
 pub mod embedding;
+pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
@@ -13,6 +14,7 @@ pub mod quant_linear;
 pub use attention::{causal_mask, Attention, AttentionConfig, Rotary};
 pub use block::{BlockConfig, DecoderBlock};
 pub use embedding::Embedding;
+pub use kv_cache::{KvCache, KvFormat};
 pub use linear::Linear;
 pub use mlp::{GeluMlp, Mlp, MlpConfig, MlpKind, SwiGluMlp};
 pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
