@@ -6,8 +6,10 @@
 //! - [`data`]: the bundled King James Bible corpus and byte-level batching.
 //! - [`demo`]: the training run behind `trit demo` / `trit train` and the training benchmark.
 //! - [`bench`]: GEMM throughput against a peer measured in the same run (`trit bench matmul`).
+//! - [`qbench`]: packed low-bit matmul against trit's f32 matmul (`trit bench qmatmul`).
 
 pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod llama;
+pub mod qbench;

@@ -16,6 +16,7 @@ Examples:
   trit train --resume run.safetensors --steps 600
   trit bench matmul --quick              trit's GEMM vs the gemm crate, measured in the same run
   trit bench train --json                training tokens/s vs PyTorch's CPU figure
+  trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
 
 Run `trit <COMMAND> --help` for the flags of each command. With cargo, put them after `--`:
   cargo run --release -- demo --steps 100";
@@ -70,6 +71,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Fewer shapes and repetitions (a smoke test).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Packed low-bit matmul (int8, int4, ternary, binary) vs trit's f32 matmul at the decode GEMV
+    /// x[1,4096]·W[11008,4096]ᵀ, x[1,4096]·W[4096,4096]ᵀ and a 64-token GEMM: µs, weight GB/s, speed-up,
+    /// and the memory-copy bandwidth of the same run.
+    Qmatmul {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Fewer repetitions over a smaller weight rotation (a smoke test).
         #[arg(long)]
         quick: bool,
     },
@@ -217,6 +229,49 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
                         r.trit_gflops,
                         r.peer_gflops,
                         r.trit_gflops / r.peer_gflops
+                    );
+                }
+            }
+        }
+        BenchCommand::Qmatmul { json, quick } => {
+            let b = trit_models::qbench::bench_qmatmul(quick)?;
+            if json {
+                let rows: Vec<_> = b
+                    .rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "m": r.m, "n": r.n, "k": r.k, "kernel": r.kernel,
+                            "us": r.micros, "weight_bytes": r.weight_bytes,
+                            "weight_gbs": r.weight_gbs, "speedup_vs_f32": r.speedup,
+                        })
+                    })
+                    .collect();
+                let out = serde_json::json!({
+                    "threads": b.threads, "isa": format!("{:?}", b.isa),
+                    "copy_gbs": b.copy_gbs, "rows": rows,
+                });
+                println!("{out}");
+            } else {
+                println!(
+                    "packed matmul y = x·Wᵀ, {} threads, {:?}; memory copy {:.1} GB/s (read + write, same run)",
+                    b.threads, b.isa, b.copy_gbs
+                );
+                println!(
+                    "{:>4} {:>6} {:>6}  {:<26} {:>10} {:>10} {:>9} {:>8}",
+                    "m", "n", "k", "kernel", "µs", "weight MB", "GB/s", "vs f32"
+                );
+                for r in &b.rows {
+                    println!(
+                        "{:>4} {:>6} {:>6}  {:<26} {:>10.1} {:>10.2} {:>9.1} {:>7.2}×",
+                        r.m,
+                        r.n,
+                        r.k,
+                        r.kernel,
+                        r.micros,
+                        r.weight_bytes as f64 / 1e6,
+                        r.weight_gbs,
+                        r.speedup
                     );
                 }
             }
