@@ -170,7 +170,7 @@ fn median(mut samples: Vec<f64>) -> f64 {
 }
 
 /// Deterministic values in [-1, 1) so that no run hits denormals or zeros.
-fn filled(len: usize, seed: u32) -> Vec<f32> {
+pub(crate) fn filled(len: usize, seed: u32) -> Vec<f32> {
     (0..len as u32)
         .map(|i| {
             let x = i

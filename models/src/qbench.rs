@@ -9,6 +9,7 @@
 
 use std::time::Instant;
 
+use crate::bench::filled;
 use rayon::prelude::*;
 use trit::cpu::matmul::{sgemm, MatRef};
 use trit::cpu::qmatmul::{qmatmul, ActMode, QIsa};
@@ -203,17 +204,4 @@ fn copy_bandwidth(quick: bool) -> f64 {
     };
     let s = time_rotating(if quick { 3 } else { 9 }, 1, |_| copy(&mut dst));
     2.0 * (len * 4) as f64 / s / 1e9
-}
-
-/// Deterministic values in [-1, 1).
-fn filled(len: usize, seed: u32) -> Vec<f32> {
-    (0..len as u32)
-        .map(|i| {
-            let v = i
-                .wrapping_mul(2_654_435_761)
-                .wrapping_add(seed.wrapping_mul(40_503))
-                >> 8;
-            (v % 2001) as f32 / 1000.0 - 1.0
-        })
-        .collect()
 }
