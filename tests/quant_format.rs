@@ -379,6 +379,18 @@ fn bad_input_is_an_error() {
     )
     .is_err());
     assert!(QTensor::quantize(&[f32::INFINITY], 1, 1, t2).is_err());
+    // Stray padding bits are rewritten to 0, which XNOR-popcount relies on.
+    let b = QTensor::from_packed(
+        QFormat::Binary { offset: false },
+        1,
+        3,
+        vec![0xFF; 8],
+        vec![1.0],
+        vec![],
+    )
+    .unwrap();
+    assert_eq!(b.data()[0], 0b111);
+    assert!(b.data()[1..].iter().all(|&v| v == 0));
     // A 2-bit code of 3 is corrupt data.
     assert!(QTensor::from_packed(t2, 1, 4, vec![0xFF; 64], vec![1.0], vec![]).is_err());
     // GGUF: a row that is not whole blocks, a short buffer, a scale that f16 cannot hold.

@@ -330,8 +330,9 @@ impl QTensor {
             mins,
             code_sums: Vec::new(),
         };
-        // Unpacking validates every code (a 2-bit 3 or a base-3 byte past 242 is corrupt) and gives the
-        // code sums that Int8 kernels need.
+        // Unpacking validates every code (a 2-bit 3 or an int8 −128 is corrupt); packing again rewrites
+        // the row padding to its canonical zero-weight form, which the kernels rely on (XNOR-popcount
+        // counts padding bits unless they are 0), and computes the code sums Int8 kernels need.
         let codes = q.try_codes()?;
         QTensor::from_codes(
             format,
