@@ -1,6 +1,7 @@
 //! CPU storage and kernels, one file per op family. Kernels compute in f32; the storage layer converts
 //! f16/bf16 at the boundary.
 
+pub mod attention;
 pub mod elementwise;
 pub mod index;
 pub mod kv_attention;

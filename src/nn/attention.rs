@@ -89,13 +89,7 @@ pub fn causal_mask(seq: usize, dtype: DType, device: Device) -> Result<Tensor> {
     Tensor::from_vec(v, (seq, seq), device)?.to_dtype(dtype)
 }
 
-/// Rotary positions for an attention call: the cached table and the position of each token ([seq] or
-/// [batch, seq] integers).
-#[derive(Clone, Copy, Debug)]
-pub struct Rotary<'a> {
-    pub table: &'a RopeTable,
-    pub positions: &'a Tensor,
-}
+pub use crate::ops::rope::Rotary;
 
 /// Self-attention. Parameters (Hugging Face names): `q_proj` [heads·d, hidden], `k_proj` and `v_proj`
 /// [kv_heads·d, hidden], `o_proj` [hidden, heads·d].

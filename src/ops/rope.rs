@@ -94,6 +94,40 @@ impl RopeTable {
         self.style
     }
 
+    /// The cos and sin tables, [max_positions, head_dim / 2] each.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
+    /// The positions of a [batch, seq] input ([seq], or [batch, seq] for packed or offset sequences) as
+    /// integers, each checked to lie inside the table.
+    pub fn check_positions(
+        &self,
+        positions: &Tensor,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Vec<i64>> {
+        if positions.dims() != [seq] && positions.dims() != [batch, seq] {
+            return Err(Error::ShapeMismatch {
+                op: "rope",
+                lhs: vec![batch, seq],
+                rhs: positions.dims().to_vec(),
+            });
+        }
+        let pos = positions.to_vec_i64();
+        if let Some(&p) = pos
+            .iter()
+            .find(|&&p| p < 0 || p as usize >= self.max_positions)
+        {
+            return Err(Error::IndexOutOfRange {
+                op: "rope",
+                index: p,
+                size: self.max_positions,
+            });
+        }
+        Ok(pos)
+    }
+
     fn apply(
         &self,
         x: &Tensor,
@@ -107,6 +141,14 @@ impl RopeTable {
         })?;
         Ok(Tensor::from_storage(storage, x.shape().clone(), None))
     }
+}
+
+/// Rotary positions for an attention call: the cached table and the position of each token ([seq] or
+/// [batch, seq] integers; packed sequences restart them per document).
+#[derive(Clone, Copy, Debug)]
+pub struct Rotary<'a> {
+    pub table: &'a RopeTable,
+    pub positions: &'a Tensor,
 }
 
 struct RopeBackward {
@@ -151,24 +193,7 @@ impl Tensor {
                 table.head_dim
             );
         }
-        if positions.dims() != [s] && positions.dims() != [b, s] {
-            return Err(Error::ShapeMismatch {
-                op: "rope",
-                lhs: vec![b, s],
-                rhs: positions.dims().to_vec(),
-            });
-        }
-        let pos = positions.to_vec_i64();
-        if let Some(&p) = pos
-            .iter()
-            .find(|&&p| p < 0 || p as usize >= table.max_positions)
-        {
-            return Err(Error::IndexOutOfRange {
-                op: "rope",
-                index: p,
-                size: table.max_positions,
-            });
-        }
+        let pos = table.check_positions(positions, b, s)?;
         let out = table.apply(self, (b, h, s, d), &pos, 1.0)?;
         let op = Op::Custom(
             vec![self.clone()],

@@ -1,0 +1,278 @@
+//! Fused scaled-dot-product attention (flash-style: the score matrix is never stored) with its own
+//! backward, over FlashAttention's layout: q [batch, q_len, heads, d], k and v [batch, kv_len, kv_heads, d].
+//! The kernels are in [`crate::cpu::attention`].
+
+use super::rope::Rotary;
+use super::with_f32_inputs;
+use crate::cpu::attention as k;
+use crate::cpu::matmul::Isa;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::op::{CustomBackward, Op};
+use crate::ops::rope::RopeTable;
+use crate::storage::Storage;
+use crate::tensor::Tensor;
+use std::sync::Arc;
+
+/// Which keys each query sees, the score scale and an optional fused rotary embedding.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttentionOptions<'a> {
+    /// Query i sees keys j ≤ i + kv_len − q_len (queries aligned to the last q_len keys).
+    pub causal: bool,
+    /// Sliding window of w keys (w ≥ 1): key j is visible to the query at key position t when
+    /// j > t − w, and, without `causal`, also j < t + w.
+    pub window: Option<usize>,
+    /// [batch, kv_len], any dtype: zero marks a padding key that no query sees.
+    pub key_padding: Option<&'a Tensor>,
+    /// [batch, kv_len] integer document ids for packed sequences: a document is a maximal run of equal
+    /// consecutive ids, and a query sees only the keys of its own document.
+    pub segments: Option<&'a Tensor>,
+    /// RoPE applied to q and k inside the kernels (positions are key positions; query i takes that of
+    /// key i + kv_len − q_len, so it needs q_len ≤ kv_len).
+    pub rotary: Option<Rotary<'a>>,
+    /// Score scale; 1/√d when `None`.
+    pub scale: Option<f32>,
+}
+
+/// Everything the backward needs besides the inputs and the output.
+struct AttentionBackward {
+    dims: k::Dims,
+    causal: bool,
+    window: Option<usize>,
+    key_valid: Option<Vec<u8>>,
+    segments: Option<Vec<i64>>,
+    rotary: Option<(RopeTable, Vec<i64>)>,
+    scale: f32,
+    lse: Vec<f32>,
+    isa: Isa,
+}
+
+impl AttentionBackward {
+    fn problem(&self) -> k::Problem<'_> {
+        problem(
+            self.dims,
+            self.causal,
+            self.window,
+            self.key_valid.as_deref(),
+            self.segments.as_deref(),
+            self.rotary.as_ref().map(|(t, p)| (t, p.as_slice())),
+            self.scale,
+        )
+    }
+}
+
+fn problem<'a>(
+    dims: k::Dims,
+    causal: bool,
+    window: Option<usize>,
+    key_valid: Option<&'a [u8]>,
+    segments: Option<&'a [i64]>,
+    rotary: Option<(&'a RopeTable, &'a [i64])>,
+    scale: f32,
+) -> k::Problem<'a> {
+    k::Problem {
+        dims,
+        mask: k::Mask {
+            causal,
+            window,
+            key_valid,
+            segments,
+        },
+        rotary: rotary.map(|(t, positions)| {
+            let (cos, sin) = t.tables();
+            k::Rotary {
+                cos,
+                sin,
+                positions,
+                interleaved: t.style() == crate::ops::rope::RopeStyle::Interleaved,
+            }
+        }),
+        scale,
+    }
+}
+
+impl CustomBackward for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "flash_attention"
+    }
+
+    fn backward(
+        &self,
+        inputs: &[Tensor],
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let [q, kk, v] = inputs else {
+            unreachable!("recorded with q, k, v")
+        };
+        let p = self.problem();
+        let (dq, dk, dv) = with_f32_inputs(&[q, kk, v, out, grad], |x| {
+            k::backward(self.isa, &p, x[0], x[1], x[2], x[3], &self.lse, x[4])
+        });
+        let wrap = |g: Vec<f32>, like: &Tensor| {
+            Tensor::from_storage(
+                Storage::Cpu(crate::cpu::CpuStorage::from_f32(g, like.dtype())),
+                like.shape().clone(),
+                None,
+            )
+        };
+        Ok(vec![
+            Some(wrap(dq, q)),
+            Some(wrap(dk, kk)),
+            Some(wrap(dv, v)),
+        ])
+    }
+}
+
+impl Tensor {
+    /// softmax(q·kᵀ · scale + mask) · v with `self` as q [batch, q_len, heads, d] and k, v
+    /// [batch, kv_len, kv_heads, d] (heads a multiple of kv_heads: grouped-query or multi-query
+    /// attention read the shared kv head in place). Returns [batch, q_len, heads, d]. Memory beyond the
+    /// inputs and output is O(len · d): the scores exist one tile at a time. A query that sees no key
+    /// gets zeros. Differentiable in q, k and v.
+    pub fn flash_attention(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        opts: &AttentionOptions,
+    ) -> Result<Tensor> {
+        self.flash_attention_with_isa(Isa::best(), k, v, opts)
+    }
+
+    /// [`Tensor::flash_attention`] on an explicit instruction set (tests, benchmarks); an ISA this CPU
+    /// lacks is an error.
+    pub fn flash_attention_with_isa(
+        &self,
+        isa: Isa,
+        kt: &Tensor,
+        v: &Tensor,
+        opts: &AttentionOptions,
+    ) -> Result<Tensor> {
+        const OP: &str = "flash_attention";
+        if !Isa::available().contains(&isa) {
+            crate::bail!(OP, "this CPU cannot run the {isa:?} kernels");
+        }
+        let (&[b, sq, h, d], &[bk, sk, hkv, dk]) = (self.dims(), kt.dims()) else {
+            crate::bail!(
+                OP,
+                "expected q [batch, q_len, heads, head_dim] and k [batch, kv_len, kv_heads, head_dim], \
+                 got {} and {}",
+                self.shape(),
+                kt.shape()
+            );
+        };
+        if bk != b || dk != d || v.dims() != kt.dims() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: self.dims().to_vec(),
+                rhs: if v.dims() != kt.dims() {
+                    v.dims().to_vec()
+                } else {
+                    kt.dims().to_vec()
+                },
+            });
+        }
+        if d == 0 || hkv == 0 || !h.is_multiple_of(hkv) {
+            crate::bail!(
+                OP,
+                "need head_dim > 0 and heads ({h}) a positive multiple of kv_heads ({hkv})"
+            );
+        }
+        if opts.window == Some(0) {
+            crate::bail!(OP, "a sliding window must hold at least one key");
+        }
+        let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
+        if !scale.is_finite() {
+            crate::bail!(OP, "scale must be finite, got {scale}");
+        }
+        let side = |t: Option<&Tensor>, what: &str| -> Result<()> {
+            match t {
+                Some(t) if t.dims() != [b, sk] => {
+                    crate::bail!(
+                        OP,
+                        "{what} must be [batch {b}, kv_len {sk}], got {}",
+                        t.shape()
+                    )
+                }
+                _ => Ok(()),
+            }
+        };
+        side(opts.key_padding, "key_padding")?;
+        side(opts.segments, "segments")?;
+        if opts.segments.is_some_and(|s| s.dtype().is_float()) {
+            crate::bail!(OP, "segments must be integer document ids");
+        }
+        let key_valid = opts.key_padding.map(|t| {
+            t.to_vec_f32()
+                .iter()
+                .map(|&x| u8::from(x != 0.0))
+                .collect::<Vec<u8>>()
+        });
+        let segments = opts.segments.map(Tensor::to_vec_i64);
+        let rotary = match opts.rotary {
+            None => None,
+            Some(r) => {
+                if r.table.head_dim() != d {
+                    crate::bail!(
+                        OP,
+                        "rotary table is for head_dim {}, the heads have {d}",
+                        r.table.head_dim()
+                    );
+                }
+                if sq > sk {
+                    crate::bail!(
+                        OP,
+                        "rotary needs q_len ({sq}) ≤ kv_len ({sk}): queries take the last keys' positions"
+                    );
+                }
+                Some((
+                    r.table.clone(),
+                    r.table.check_positions(r.positions, b, sk)?,
+                ))
+            }
+        };
+        let dims = k::Dims {
+            batch: b,
+            q_len: sq,
+            kv_len: sk,
+            heads: h,
+            kv_heads: hkv,
+            head_dim: d,
+        };
+        let p = problem(
+            dims,
+            opts.causal,
+            opts.window,
+            key_valid.as_deref(),
+            segments.as_deref(),
+            rotary.as_ref().map(|(t, p)| (t, p.as_slice())),
+            scale,
+        );
+        let (out, lse) = with_f32_inputs(&[self, kt, v], |x| k::forward(isa, &p, x[0], x[1], x[2]));
+        let dtype = if self.dtype().is_float() {
+            self.dtype()
+        } else {
+            DType::F32
+        };
+        let storage = Storage::Cpu(crate::cpu::CpuStorage::from_f32(out, dtype));
+        let op = Op::Custom(
+            vec![self.clone(), kt.clone(), v.clone()],
+            Arc::new(AttentionBackward {
+                dims,
+                causal: opts.causal,
+                window: opts.window,
+                key_valid,
+                segments,
+                rotary,
+                scale,
+                lse,
+                isa,
+            }),
+        );
+        Ok(Tensor::from_storage(
+            storage,
+            self.shape().clone(),
+            Some(op),
+        ))
+    }
+}
