@@ -10,10 +10,12 @@
 
 use std::fmt;
 use trit::nn::kv_cache::{KvCache, KvFormat};
+use trit::nn::packing::{positions_from_segments, IGNORE_INDEX};
 use trit::nn::{
     AttentionConfig, BlockConfig, DecoderBlock, Embedding, Init, Linear, MlpConfig, MlpKind,
     NormKind, ParamStore, RmsNorm, Rotary,
 };
+use trit::ops::attention::AttentionOptions;
 use trit::ops::rope::{RopeStyle, RopeTable};
 use trit::{DType, Result, Rng, Tensor};
 
@@ -227,7 +229,19 @@ impl Llama {
 
     /// `ids [batch, seq]` (integers below vocab_size, seq ≤ max_seq) -> logits `[batch, seq, vocab]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let &[_, seq] = ids.dims() else {
+        self.forward_impl(ids, None)
+    }
+
+    /// Forward over packed rows: `segments [batch, seq]` gives each token's document (a run of equal
+    /// ids, as [`trit::nn::packing::pack`] makes them). Tokens attend only within their document and
+    /// their rotary positions restart at each document, so every document's logits equal those of
+    /// [`Llama::forward`] over that document alone.
+    pub fn forward_packed(&self, ids: &Tensor, segments: &Tensor) -> Result<Tensor> {
+        self.forward_impl(ids, Some(segments))
+    }
+
+    fn forward_impl(&self, ids: &Tensor, segments: Option<&Tensor>) -> Result<Tensor> {
+        let &[batch, seq] = ids.dims() else {
             trit::bail!(
                 "Llama::forward",
                 "ids must be [batch, seq], got shape {}",
@@ -241,14 +255,28 @@ impl Llama {
                 self.cfg.max_seq
             );
         }
-        let positions = Tensor::arange(0, seq as i64, ids.device())?;
-        let rotary = Rotary {
-            table: &self.rope,
-            positions: &positions,
+        if segments.is_some_and(|s| s.dims() != [batch, seq]) {
+            trit::bail!(
+                "Llama::forward_packed",
+                "segments must be [batch {batch}, seq {seq}] like the ids"
+            );
+        }
+        let positions = match segments {
+            Some(s) => positions_from_segments(s)?,
+            None => Tensor::arange(0, seq as i64, ids.device())?,
+        };
+        let opts = AttentionOptions {
+            causal: true,
+            segments,
+            rotary: Some(Rotary {
+                table: &self.rope,
+                positions: &positions,
+            }),
+            ..AttentionOptions::default()
         };
         let mut x = self.embed_tokens.forward(ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, Some(rotary), true)?;
+            x = layer.forward_with(&x, &opts)?;
         }
         self.logits(&x)
     }
@@ -320,11 +348,24 @@ impl Llama {
 
     /// Mean next-token cross-entropy of `forward(ids)` against `targets [batch, seq]`.
     pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = self.forward(ids)?;
+        self.mean_loss(&self.forward(ids)?, targets, None)
+    }
+
+    /// Mean cross-entropy of [`Llama::forward_packed`] over the targets that are not
+    /// [`IGNORE_INDEX`] (a document's last token and padding have none).
+    pub fn loss_packed(&self, ids: &Tensor, targets: &Tensor, segments: &Tensor) -> Result<Tensor> {
+        self.mean_loss(
+            &self.forward_packed(ids, segments)?,
+            targets,
+            Some(IGNORE_INDEX as i64),
+        )
+    }
+
+    fn mean_loss(&self, logits: &Tensor, targets: &Tensor, ignore: Option<i64>) -> Result<Tensor> {
         let rows = logits.elem_count() / self.cfg.vocab_size;
         logits
             .reshape((rows, self.cfg.vocab_size))?
-            .cross_entropy(&targets.flatten_all()?, None)
+            .cross_entropy(&targets.flatten_all()?, ignore)
     }
 
     /// Continues `prompt` by `n` tokens and returns the new ones. Temperature 0 picks the most likely token
@@ -474,6 +515,91 @@ mod tests {
             ..LlamaConfig::tiny()
         };
         assert!(Llama::new(&ParamStore::new(0, DType::F32, Device::Cpu), bad).is_err());
+        Ok(())
+    }
+
+    /// Packing: every document's logits, loss and gradient equal those of running it alone through the
+    /// plain forward (arange positions, one causal sequence), so nothing leaks across documents.
+    #[test]
+    fn a_packed_batch_equals_its_documents_run_one_by_one() -> Result<()> {
+        use trit::nn::packing::pack;
+        let (ps, model) = tiny()?;
+        let v = LlamaConfig::tiny().vocab_size as u32;
+        let mut rng = Rng::new(3);
+        let docs: Vec<Vec<u32>> = [9, 3, 17, 1, 30, 5, 12]
+            .iter()
+            .map(|&n| (0..n).map(|_| rng.below(v as u64) as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = docs.iter().map(Vec::as_slice).collect();
+        let packed = pack(&refs, 24, 0, Device::Cpu)?;
+        assert!(
+            packed.placements.len() > docs.len(),
+            "the 30-token document is cut"
+        );
+        assert!(
+            packed.placements.iter().any(|p| p.start > 0),
+            "rows share documents"
+        );
+        let logits = model.forward_packed(&packed.ids, &packed.segments)?;
+        let vocab = v as usize;
+        let (rows, seq) = (packed.ids.dims()[0], packed.ids.dims()[1]);
+        let all = logits.to_vec_f32();
+        let targets = packed.targets.to_vec_i64();
+        for p in &packed.placements {
+            let piece = &docs[p.doc][p.offset..p.offset + p.len];
+            let ids: Vec<i32> = piece.iter().map(|&t| t as i32).collect();
+            let alone = model
+                .forward(&Tensor::from_vec(ids, (1, p.len), Device::Cpu)?)?
+                .to_vec_f32();
+            let at = (p.row * seq + p.start) * vocab;
+            for (i, (g, w)) in all[at..at + p.len * vocab].iter().zip(&alone).enumerate() {
+                assert!(
+                    (g - w).abs() < 1e-4,
+                    "doc {} piece at {}: logit {i}: packed {g} vs alone {w}",
+                    p.doc,
+                    p.offset
+                );
+            }
+            // The piece's own loss: keep only its targets in the packed batch.
+            let mut own = vec![IGNORE_INDEX; rows * seq];
+            let span = p.row * seq + p.start..p.row * seq + p.start + p.len;
+            for i in span.clone() {
+                own[i] = targets[i] as i32;
+            }
+            if own.iter().all(|&t| t == IGNORE_INDEX) {
+                continue;
+            }
+            let own = Tensor::from_vec(own, (rows, seq), Device::Cpu)?;
+            let packed_loss = model.loss_packed(&packed.ids, &own, &packed.segments)?;
+            let ids: Vec<i32> = piece[..p.len - 1].iter().map(|&t| t as i32).collect();
+            let next: Vec<i32> = piece[1..].iter().map(|&t| t as i32).collect();
+            let n = p.len - 1;
+            let alone_loss = model.loss(
+                &Tensor::from_vec(ids, (1, n), Device::Cpu)?,
+                &Tensor::from_vec(next, (1, n), Device::Cpu)?,
+            )?;
+            let (a, b) = (packed_loss.to_scalar()?, alone_loss.to_scalar()?);
+            assert!(
+                (a - b).abs() < 1e-5,
+                "doc {}: packed loss {a} vs alone {b}",
+                p.doc
+            );
+            let (ga, gb) = (packed_loss.backward()?, alone_loss.backward()?);
+            for (name, param) in ps.all() {
+                let (x, y) = (ga.get(&param), gb.get(&param));
+                let (x, y) = (x.unwrap().to_vec_f32(), y.unwrap().to_vec_f32());
+                let err = x
+                    .iter()
+                    .zip(&y)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err < 1e-4,
+                    "doc {}: gradient of {name} differs by {err}",
+                    p.doc
+                );
+            }
+        }
         Ok(())
     }
 

@@ -1,17 +1,16 @@
 //! Multi-head self-attention with grouped-query heads (GQA), optional rotary positions and a causal mask.
 //!
-//! This is the plain formulation — scores = q·kᵀ/√d + mask, softmax, ·v — built from primitive ops so its
-//! gradient comes from autograd; a fused kernel can replace the middle without changing the module.
-//! [`Attention::forward_cached`] is the incremental-decoding path: it projects only the new tokens and
-//! attends over a [`KvCache`] (not differentiable).
+//! The middle is [`Tensor::flash_attention`] (tiled, O(seq·d) memory, its own backward, RoPE fused in),
+//! fed straight from the projections. [`Attention::forward_cached`] is the incremental-decoding path: it
+//! projects only the new tokens and attends over a [`KvCache`] read in its stored format (not
+//! differentiable).
 
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::params::{Init, ParamStore};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::ops::attention::AttentionOptions;
 use crate::ops::rope::RopeTable;
-use crate::storage::Device;
 use crate::tensor::Tensor;
 
 /// Sizes and initialisation of an attention layer.
@@ -74,21 +73,6 @@ impl AttentionConfig {
     }
 }
 
-/// The additive causal mask [seq, seq]: 0 where key position ≤ query position, −∞ above the diagonal, so
-/// softmax gives future tokens exactly zero weight.
-pub fn causal_mask(seq: usize, dtype: DType, device: Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..seq * seq)
-        .map(|i| {
-            if i % seq > i / seq {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Tensor::from_vec(v, (seq, seq), device)?.to_dtype(dtype)
-}
-
 pub use crate::ops::rope::Rotary;
 
 /// Self-attention. Parameters (Hugging Face names): `q_proj` [heads·d, hidden], `k_proj` and `v_proj`
@@ -128,6 +112,21 @@ impl Attention {
 
     /// `x [batch, seq, hidden] -> [batch, seq, hidden]`. With `causal`, position t attends to 0..=t only.
     pub fn forward(&self, x: &Tensor, rotary: Option<Rotary>, causal: bool) -> Result<Tensor> {
+        self.forward_with(
+            x,
+            &AttentionOptions {
+                causal,
+                rotary,
+                ..AttentionOptions::default()
+            },
+        )
+    }
+
+    /// `x [batch, seq, hidden] -> [batch, seq, hidden]` with any of [`Tensor::flash_attention`]'s
+    /// options: causal, sliding window, key padding, packed documents, rotary positions (per document
+    /// when packed), a custom scale. The projections' [batch, seq, heads·d] outputs are already the
+    /// kernel's layout, so nothing is transposed or copied between them and the attention.
+    pub fn forward_with(&self, x: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
         let &[b, s, hidden] = x.dims() else {
             crate::bail!(
                 "Attention::forward",
@@ -143,32 +142,10 @@ impl Attention {
             });
         }
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let split_heads = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2);
-        let q = split_heads(self.q.forward(x)?, h)?;
-        let k = split_heads(self.k.forward(x)?, kvh)?;
-        let v = split_heads(self.v.forward(x)?, kvh)?;
-        let (q, k) = match rotary {
-            Some(r) => (q.rope(r.table, r.positions)?, k.rope(r.table, r.positions)?),
-            None => (q, k),
-        };
-        // Scaling q (b·h·s·d values) is cheaper than scaling the scores (b·h·s·s).
-        let q = q.mul_scalar(1.0 / (d as f32).sqrt())?.contiguous()?;
-        // GQA without copying k/v: query head i uses kv head i / rep, so the `rep` query heads of one kv
-        // head stack into one [rep·s, d] matrix that multiplies that head's k and v directly.
-        let rep = h / kvh;
-        let q = q.reshape((b, kvh, rep * s, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape([b, kvh, rep, s, s])?;
-        let probs = if causal {
-            scores.causal_softmax()?
-        } else {
-            scores.softmax(-1)?
-        };
-        let probs = probs.reshape((b, kvh, rep * s, s))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, h, s, d))?
-            .transpose(1, 2)?
-            .reshape((b, s, h * d))?;
+        let q = self.q.forward(x)?.reshape((b, s, h, d))?;
+        let k = self.k.forward(x)?.reshape((b, s, kvh, d))?;
+        let v = self.v.forward(x)?.reshape((b, s, kvh, d))?;
+        let out = q.flash_attention(&k, &v, opts)?.reshape((b, s, h * d))?;
         self.o.forward(&out)
     }
 

@@ -6,6 +6,7 @@ use super::mlp::{Mlp, MlpConfig};
 use super::norm::{Norm, NormKind};
 use super::params::ParamStore;
 use crate::error::Result;
+use crate::ops::attention::AttentionOptions;
 use crate::ops::rope::RopeTable;
 use crate::tensor::Tensor;
 
@@ -58,11 +59,20 @@ impl DecoderBlock {
 
     /// `x [batch, seq, hidden] -> [batch, seq, hidden]`.
     pub fn forward(&self, x: &Tensor, rotary: Option<Rotary>, causal: bool) -> Result<Tensor> {
-        let h = x.add(
-            &self
-                .attn
-                .forward(&self.attn_norm.forward(x)?, rotary, causal)?,
-        )?;
+        self.forward_with(
+            x,
+            &AttentionOptions {
+                causal,
+                rotary,
+                ..AttentionOptions::default()
+            },
+        )
+    }
+
+    /// `x [batch, seq, hidden] -> [batch, seq, hidden]` with the attention masked and rotated as `opts`
+    /// says (packed documents, key padding, a sliding window; see [`Attention::forward_with`]).
+    pub fn forward_with(&self, x: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
+        let h = x.add(&self.attn.forward_with(&self.attn_norm.forward(x)?, opts)?)?;
         h.add(&self.mlp.forward(&self.mlp_norm.forward(&h)?)?)
     }
 

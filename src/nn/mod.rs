@@ -8,15 +8,17 @@ pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod packing;
 pub mod params;
 pub mod quant_linear;
 
-pub use attention::{causal_mask, Attention, AttentionConfig, Rotary};
+pub use attention::{Attention, AttentionConfig, Rotary};
 pub use block::{BlockConfig, DecoderBlock};
 pub use embedding::Embedding;
 pub use kv_cache::{KvCache, KvFormat};
 pub use linear::Linear;
 pub use mlp::{GeluMlp, Mlp, MlpConfig, MlpKind, SwiGluMlp};
 pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
+pub use packing::{pack, PackedBatch, IGNORE_INDEX};
 pub use params::{Init, ParamStore};
 pub use quant_linear::{ActQuant, QuantLinear, QuantLinearConfig};
