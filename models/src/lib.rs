@@ -7,7 +7,10 @@
 //! - [`demo`]: the training run behind `trit demo` / `trit train` and the training benchmark.
 //! - [`bench`]: GEMM throughput against a peer measured in the same run (`trit bench matmul`).
 //! - [`qbench`]: packed low-bit matmul against trit's f32 matmul (`trit bench qmatmul`).
+//! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
+//!   cache format (`trit bench attention`).
 
+pub mod attnbench;
 pub mod bench;
 pub mod data;
 pub mod demo;

@@ -17,6 +17,7 @@ Examples:
   trit bench matmul --quick              trit's GEMM vs the gemm crate, measured in the same run
   trit bench train --json                training tokens/s vs PyTorch's CPU figure
   trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
+  trit bench attention                   flash attention vs naive, fwd and fwd+bwd; decode per KV format
 
 Run `trit <COMMAND> --help` for the flags of each command. With cargo, put them after `--`:
   cargo run --release -- demo --steps 100";
@@ -82,6 +83,18 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Fewer repetitions over a smaller weight rotation (a smoke test).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Flash attention vs the naive formulation (scores stored), forward and forward+backward GFLOP/s at
+    /// S = 1k, 4k, 16k, d = 64 and 128, causal and not; the causal S = 2048, d = 64 target row next to
+    /// PyTorch SDPA's 136 GFLOP/s from anchors.md; and decode µs/token and GB/s for each KV cache format
+    /// at L = 4k and 32k.
+    Attention {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Tiny sizes (S ≤ 512, L ≤ 1k) and two repetitions (a smoke test).
         #[arg(long)]
         quick: bool,
     },
@@ -274,6 +287,14 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
                         r.speedup
                     );
                 }
+            }
+        }
+        BenchCommand::Attention { json, quick } => {
+            let b = trit_models::attnbench::bench_attention(quick)?;
+            if json {
+                println!("{}", b.to_json());
+            } else {
+                print!("{}", b.table());
             }
         }
         BenchCommand::Train { json, steps } => {
