@@ -25,7 +25,8 @@ pub struct AttentionOptions<'a> {
     /// [batch, kv_len], any dtype: zero marks a padding key that no query sees.
     pub key_padding: Option<&'a Tensor>,
     /// [batch, kv_len] integer document ids for packed sequences: a document is a maximal run of equal
-    /// consecutive ids, and a query sees only the keys of its own document.
+    /// consecutive ids, and a query sees only the keys of its own document (queries take the ids of the
+    /// last q_len keys; with q_len > kv_len the first queries belong to no document and see nothing).
     pub segments: Option<&'a Tensor>,
     /// RoPE applied to q and k inside the kernels (positions are key positions; query i takes that of
     /// key i + kv_len − q_len, so it needs q_len ≤ kv_len).

@@ -114,6 +114,13 @@ impl RopeTable {
                 rhs: positions.dims().to_vec(),
             });
         }
+        if positions.dtype().is_float() {
+            crate::bail!(
+                "rope",
+                "positions must be integers, got {}",
+                positions.dtype()
+            );
+        }
         let pos = positions.to_vec_i64();
         if let Some(&p) = pos
             .iter()

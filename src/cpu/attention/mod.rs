@@ -9,7 +9,8 @@
 //! query rows once (scaled by `scale`, rotated when RoPE is fused in), then walks blocks of `BC` keys:
 //! S = Q·Kᵀ into an L1/L2-sized buffer, a masked online softmax (running max m, rescaled running sum l),
 //! and O += P·V into an accumulator that is rescaled only when the running max moves. Keys come from a
-//! transposed (and rotated) copy of K made once per call, so both products stream rows of their right
+//! transposed (and rotated) copy of K made once per call, cut into one d × BC panel per block, and
+//! V's rows of each head packed back to back, so both products stream contiguous rows of their right
 //! operand. Blocks that no row of the tile can see are skipped; blocks every row sees in full skip the
 //! masking.
 //!
@@ -18,8 +19,8 @@
 //! dV += Pᵀ·dO, dS = P ∘ (dO·Vᵀ − D) with D = rowsum(dO ∘ O), dK += dSᵀ·Q and dQ += dS·K. The task owns
 //! its blocks' dK and dV rows outright. dQ rows are shared by every key block: when there are enough
 //! (batch, kv head) pairs to occupy the threads one task takes all the blocks of its pair and owns its
-//! dQ rows too; otherwise the blocks are dealt round-robin to a few tasks per pair (so causal work stays
-//! balanced), each with a private dQ that is summed at the end.
+//! dQ rows too; otherwise the blocks are dealt round-robin to up to `MAX_DQ_COPIES` tasks per pair (so
+//! causal work stays balanced), each with a private dQ that is summed at the end.
 //!
 //! **Masks.** Each query row sees a contiguous range of keys: everything, or under `causal` the keys at
 //! or before its position (queries are aligned to the *last* q_len keys, so a chunk of new tokens
@@ -30,8 +31,8 @@
 //! **RoPE**, when given, is fused into the copies of Q and K (forward and backward), and dQ and dK are
 //! rotated back in place at the end: Q and K are never rotated into tensors of their own.
 //!
-//! Extra memory: the transposed K (the size of k), the row ranges and, in the backward pass, D and
-//! the private dQ copies (at most a few times q's size); O(S·d), never O(S²).
+//! Extra memory: the packed K and V (the size of k and v), the row ranges and, in the backward pass, D
+//! and the private dQ copies (at most `MAX_DQ_COPIES` times q's size); O(S·d), never O(S²).
 //!
 //! The products run on [`tile`]'s micro-kernels (AVX-512, AVX2+FMA or portable, chosen by [`Isa`]); the
 //! task bodies are compiled once per instruction set by inlining them into `#[target_feature]` wrappers.
@@ -47,6 +48,10 @@ use tile::{Gemm, Tile};
 const BR: usize = 60;
 /// Keys per block.
 const BC: usize = 64;
+/// At most this many private dQ copies per (batch, kv head) in the backward pass, so that its extra
+/// memory stays a few times q's size whatever the thread count (at the price of idle threads when
+/// there are far fewer (batch, kv head) pairs than threads).
+const MAX_DQ_COPIES: usize = 4;
 
 /// The sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +94,7 @@ pub struct Mask<'a> {
     pub key_valid: Option<&'a [u8]>,
     /// [batch, kv_len] document ids of packed sequences: a document is a maximal run of equal
     /// consecutive ids, and a query sees only keys of its own run. Queries take the ids of the last
-    /// q_len keys.
+    /// q_len keys; queries before the first key (q_len > kv_len) see none.
     pub segments: Option<&'a [i64]>,
 }
 
@@ -222,8 +227,13 @@ fn row_ranges(p: &Problem) -> Vec<(usize, usize)> {
                     hi = hi.min(t + w);
                 }
             }
-            if p.mask.segments.is_some() && (0..kv).contains(&t) {
-                let (s, e) = run[t as usize];
+            if p.mask.segments.is_some() {
+                // A query before the first key (q_len > kv_len) belongs to no document.
+                let (s, e) = if (0..kv).contains(&t) {
+                    run[t as usize]
+                } else {
+                    (0, 0)
+                };
                 lo = lo.max(s as isize);
                 hi = hi.min(e as isize);
             }
@@ -343,12 +353,12 @@ pub fn forward(isa: Isa, p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f
     }
     let ranges = row_ranges(p);
     let spans = tile_spans(&d, &ranges);
-    let kt = transpose_keys(p, k);
+    let (kt, vp) = pack_keys_values(p, k, v);
     let ctx = Fwd {
         p,
         q,
         kt: &kt,
-        v,
+        v: &vp,
         ranges: &ranges,
         spans: &spans,
         out: Shared(out.as_mut_ptr()),
@@ -361,42 +371,44 @@ pub fn forward(isa: Isa, p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f
     (out, lse)
 }
 
-/// K rotated and transposed per (batch, kv head): [batch, kv_heads, d, kv_len].
-fn transpose_keys(p: &Problem, k: &[f32]) -> Vec<f32> {
+/// Key blocks of one (batch, kv head), as the forward pass reads them: K rotated and transposed into
+/// one d × BC panel per block of BC keys ([batch, kv_heads, blocks, d, BC], the last block zero-padded),
+/// and V's rows of that head back to back ([batch, kv_heads, kv_len, d]). Reading K and V in place
+/// would step through memory at kv_len·4 or kv_heads·d·4 bytes per row: a multiple of 4 KiB for
+/// typical shapes, which maps every row of a block to the same few L1 sets and evicts them all.
+fn pack_keys_values(p: &Problem, k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let d = p.dims;
-    let (hd, len) = (d.head_dim, d.kv_len);
-    let mut kt = vec![0f32; d.kv_elems()];
-    if kt.is_empty() {
-        return kt;
+    let (hd, len, blocks) = (d.head_dim, d.kv_len, d.kv_len.div_ceil(BC));
+    let mut kt = vec![0f32; d.batch * d.kv_heads * blocks * hd * BC];
+    let mut vp = vec![0f32; d.kv_elems()];
+    if vp.is_empty() {
+        return (kt, vp);
     }
-    kt.par_chunks_mut(hd * len)
+    kt.par_chunks_mut(blocks * hd * BC)
+        .zip(vp.par_chunks_mut(len * hd))
         .enumerate()
-        .for_each(|(bh, out)| {
+        .for_each(|(bh, (kt, vp))| {
             let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
-            // 16 rows at a time so that each column of `out` gets 16 contiguous floats per pass.
-            let mut cols = vec![[0f32; 16]; hd];
             let mut row = vec![0f32; hd];
-            for t0 in (0..len).step_by(16) {
-                let n = (len - t0).min(16);
-                for (tt, t) in (t0..t0 + n).enumerate() {
-                    let src = &k[((b * len + t) * d.kv_heads + h) * hd..][..hd];
-                    load_row(src, &mut row, p.angles(b, t), 1.0, 1.0);
-                    for (col, &x) in cols.iter_mut().zip(&row) {
-                        col[tt] = x;
+            for (blk, panel) in kt.chunks_exact_mut(hd * BC).enumerate() {
+                for t in blk * BC..(len).min((blk + 1) * BC) {
+                    let at = ((b * len + t) * d.kv_heads + h) * hd;
+                    load_row(&k[at..][..hd], &mut row, p.angles(b, t), 1.0, 1.0);
+                    for (c, &x) in row.iter().enumerate() {
+                        panel[c * BC + t - blk * BC] = x;
                     }
-                }
-                for (c, col) in cols.iter().enumerate() {
-                    out[c * len + t0..][..n].copy_from_slice(&col[..n]);
+                    vp[t * hd..][..hd].copy_from_slice(&v[at..][..hd]);
                 }
             }
         });
-    kt
+    (kt, vp)
 }
 
 /// Everything a forward task reads, and where it writes.
 struct Fwd<'a> {
     p: &'a Problem<'a>,
     q: &'a [f32],
+    /// K and V as [`pack_keys_values`] lays them out.
     kt: &'a [f32],
     v: &'a [f32],
     ranges: &'a [(usize, usize)],
@@ -458,12 +470,14 @@ unsafe fn forward_task<T: Tile>(ctx: &Fwd, task: usize) {
     let mut acc = vec![0f32; rows * hd];
     let mut s = vec![0f32; rows * BC];
     let mut pb = vec![0f32; rows * BC];
-    let kt = &ctx.kt[(b * d.kv_heads + kvh) * hd * d.kv_len..][..hd * d.kv_len];
-    let mut c0 = span.min_lo;
+    let blocks = d.kv_len.div_ceil(BC);
+    let kt = &ctx.kt[(b * d.kv_heads + kvh) * blocks * hd * BC..][..blocks * hd * BC];
+    let vp = &ctx.v[(b * d.kv_heads + kvh) * d.kv_len * hd..][..d.kv_len * hd];
+    let mut c0 = span.min_lo / BC * BC;
     while c0 < span.max_hi {
         let nc = (span.max_hi - c0).min(BC);
         let (s, pb) = (&mut s[..rows * nc], &mut pb[..rows * nc]);
-        // SAFETY: qt is rows × hd; columns c0..c0 + nc of the hd × kv_len kt; s is rows × nc.
+        // SAFETY: qt is rows × hd; the first nc columns of block c0 / BC's hd × BC panel; s is rows × nc.
         unsafe {
             T::gemm(&Gemm {
                 m: rows,
@@ -472,8 +486,8 @@ unsafe fn forward_task<T: Tile>(ctx: &Fwd, task: usize) {
                 a: qt.as_ptr(),
                 a_rs: hd,
                 a_cs: 1,
-                b: kt.as_ptr().add(c0),
-                ldb: d.kv_len,
+                b: kt.as_ptr().add(c0 * hd),
+                ldb: BC,
                 c: s.as_mut_ptr(),
                 ldc: nc,
                 accumulate: false,
@@ -500,8 +514,7 @@ unsafe fn forward_task<T: Tile>(ctx: &Fwd, task: usize) {
             }
             m[i] = m_new;
         }
-        // SAFETY: pb is rows × nc; value rows c0..c0 + nc of kv head kvh (stride kv_heads·hd); acc is
-        // rows × hd.
+        // SAFETY: pb is rows × nc; value rows c0..c0 + nc of vp (hd apart); acc is rows × hd.
         unsafe {
             T::gemm(&Gemm {
                 m: rows,
@@ -510,11 +523,8 @@ unsafe fn forward_task<T: Tile>(ctx: &Fwd, task: usize) {
                 a: pb.as_ptr(),
                 a_rs: nc,
                 a_cs: 1,
-                b: ctx
-                    .v
-                    .as_ptr()
-                    .add(((b * d.kv_len + c0) * d.kv_heads + kvh) * hd),
-                ldb: d.kv_heads * hd,
+                b: vp.as_ptr().add(c0 * hd),
+                ldb: hd,
                 c: acc.as_mut_ptr(),
                 ldc: hd,
                 accumulate: true,
@@ -605,7 +615,11 @@ pub fn backward(
     let chunks = if pairs >= 2 * threads {
         1
     } else {
-        (2 * threads).div_ceil(pairs).min(blocks).max(1)
+        (2 * threads)
+            .div_ceil(pairs)
+            .min(MAX_DQ_COPIES)
+            .min(blocks)
+            .max(1)
     };
     let ctx = Bwd {
         p,
@@ -726,6 +740,7 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
     let mut dka = vec![0f32; BC * hd];
     let mut dva = vec![0f32; BC * hd];
     let mut qs = vec![0f32; BR * hd];
+    let mut dob = vec![0f32; BR * hd];
     let mut s = vec![0f32; BR * BC];
     let mut pb = vec![0f32; BR * BC];
     let blocks = d.kv_len.div_ceil(BC);
@@ -768,11 +783,13 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
                     load_row(src, dst, angles, p.scale, 1.0);
                 }
                 let (s, pb) = (&mut s[..rows * nc], &mut pb[..rows * nc]);
-                // Rows (b, r0.., h) of dO, stride heads·hd.
-                let d_o = ctx
-                    .d_o
-                    .as_ptr()
-                    .wrapping_add(((b * d.q_len + r0) * d.heads + h) * hd);
+                // dO's rows lie heads·hd apart (often a multiple of 4 KiB, which would alias in L1).
+                let dob = &mut dob[..rows * hd];
+                for (i, dst) in dob.chunks_exact_mut(hd).enumerate() {
+                    dst.copy_from_slice(
+                        &ctx.d_o[((b * d.q_len + r0 + i) * d.heads + h) * hd..][..hd],
+                    );
+                }
                 // SAFETY: qs is rows × hd, kt hd × nc and s rows × nc, all local.
                 unsafe {
                     T::gemm(&Gemm {
@@ -803,8 +820,8 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
                     }
                 }
                 // dV += Pᵀ·dO, then dP = dO·Vᵀ into s.
-                // SAFETY: pb is rows × nc, dva nc × hd, vt hd × nc and s rows × nc, all local; the dO
-                // rows lie inside d_o (rows × hd at stride heads·hd).
+                // SAFETY: pb is rows × nc, dob rows × hd, dva nc × hd, vt hd × nc and s rows × nc, all
+                // local.
                 unsafe {
                     T::gemm(&Gemm {
                         m: nc,
@@ -813,8 +830,8 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
                         a: pb.as_ptr(),
                         a_rs: 1,
                         a_cs: nc,
-                        b: d_o,
-                        ldb: qstride,
+                        b: dob.as_ptr(),
+                        ldb: hd,
                         c: dva.as_mut_ptr(),
                         ldc: hd,
                         accumulate: true,
@@ -823,8 +840,8 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
                         m: rows,
                         n: nc,
                         k: hd,
-                        a: d_o,
-                        a_rs: qstride,
+                        a: dob.as_ptr(),
+                        a_rs: hd,
                         a_cs: 1,
                         b: vt.as_ptr(),
                         ldb: nc,
