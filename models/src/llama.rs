@@ -155,15 +155,20 @@ impl fmt::Display for LlamaConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "d {} × {} layers, {} heads ({} kv), ffn {}, vocab {}, max_seq {}",
+            "d {} × {} layers, {} heads ({} kv), ffn {}, vocab {}, max_seq {}, rope θ {}",
             self.hidden,
             self.layers,
             self.heads,
             self.kv_heads,
             self.ffn_hidden,
             self.vocab_size,
-            self.max_seq
-        )
+            self.max_seq,
+            self.rope_base
+        )?;
+        if self.rope_scale != 1.0 {
+            write!(f, " × positions {}", self.rope_scale)?;
+        }
+        Ok(())
     }
 }
 

@@ -148,6 +148,14 @@ struct TrainArgs {
     /// Peak learning rate (linear warmup over the first 10% of steps, cosine decay to a tenth).
     #[arg(long)]
     lr: Option<f32>,
+    /// RoPE base θ (default 10,000). Raising it, e.g. to 500,000 together with a longer --seq when
+    /// resuming a checkpoint, is the long-context paper's adjusted base frequency (ABF).
+    #[arg(long, value_name = "THETA")]
+    rope_base: Option<f32>,
+    /// RoPE position-interpolation factor: positions are multiplied by it (0.25 squeezes a 4× longer
+    /// context into the trained range).
+    #[arg(long, value_name = "FACTOR")]
+    rope_scale: Option<f32>,
     /// Seed of the weights, the batches and the sample.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -180,6 +188,8 @@ impl TrainArgs {
         o.batch = self.batch.unwrap_or(o.batch);
         o.seq = self.seq.unwrap_or(o.seq);
         o.lr = self.lr.unwrap_or(o.lr);
+        o.model.rope_base = self.rope_base.unwrap_or(o.model.rope_base);
+        o.model.rope_scale = self.rope_scale.unwrap_or(o.model.rope_scale);
         o.seed = self.seed;
         o.checkpoint = self.checkpoint.clone();
         o.save_every = self.save_every;

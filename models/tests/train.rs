@@ -114,3 +114,44 @@ fn resuming_a_checkpoint_matches_an_uninterrupted_run() {
     assert!(err.to_string().contains("--size tiny"), "{err}");
     std::fs::remove_file(&path).ok();
 }
+
+/// The long-context recipe in miniature: a checkpoint trained at seq 32 with RoPE θ = 10,000 continues
+/// at 4× the context with θ raised to 500,000 (ABF; the parameters do not depend on θ, so the
+/// checkpoint loads unchanged) and keeps learning: its loss at the new length ends below where the
+/// continuation started.
+#[test]
+fn a_checkpoint_continues_at_a_longer_context_with_a_raised_rope_base() {
+    let path = temp_path("abf.safetensors");
+    let first = TrainOptions {
+        batch: 8,
+        seq: 32,
+        checkpoint: Some(path.clone()),
+        ..tiny(60)
+    };
+    train(&first).expect("the short-context run trains");
+    let mut long = TrainOptions {
+        batch: 4,
+        seq: 128,
+        resume: Some(path.clone()),
+        ..tiny(100)
+    };
+    long.model.rope_base = 500_000.0;
+    let s = train(&long).expect("the checkpoint resumes with a new base and length");
+    std::fs::remove_file(&path).ok();
+    assert_eq!(s.steps, 100);
+    assert!(
+        s.final_val_loss < s.initial_val_loss,
+        "loss at seq 128 went from {} to {}",
+        s.initial_val_loss,
+        s.final_val_loss
+    );
+    let bad = TrainOptions {
+        model: trit_models::llama::LlamaConfig {
+            rope_base: 0.5,
+            ..TrainOptions::preset("tiny").unwrap().model
+        },
+        ..tiny(1)
+    };
+    let err = train(&bad).unwrap_err().to_string();
+    assert!(err.contains("base"), "{err}");
+}
