@@ -1,6 +1,25 @@
 //! Fused scaled-dot-product attention (flash-style: the score matrix is never stored) with its own
 //! backward, over FlashAttention's layout: q [batch, q_len, heads, d], k and v [batch, kv_len, kv_heads, d].
 //! The kernels are in [`crate::cpu::attention`].
+//!
+//! ```
+//! use trit::ops::attention::AttentionOptions;
+//! use trit::{Device, Rng, Tensor};
+//! let mut rng = Rng::new(0);
+//! // [batch, seq, heads, head_dim]: 8 query heads sharing 2 key/value heads (grouped-query attention).
+//! let q = Tensor::randn((1, 100, 8, 64), 0.0, 1.0, &mut rng, Device::Cpu)?.var()?;
+//! let k = Tensor::randn((1, 100, 2, 64), 0.0, 1.0, &mut rng, Device::Cpu)?;
+//! let v = Tensor::randn((1, 100, 2, 64), 0.0, 1.0, &mut rng, Device::Cpu)?;
+//! // Two packed documents of 60 and 40 tokens: neither attends to the other.
+//! let docs: Vec<i32> = (0..100).map(|t| i32::from(t >= 60)).collect();
+//! let segments = Tensor::from_vec(docs, (1, 100), Device::Cpu)?;
+//! let opts = AttentionOptions { causal: true, segments: Some(&segments), ..Default::default() };
+//! let o = q.flash_attention(&k, &v, &opts)?;
+//! assert_eq!(o.dims(), [1, 100, 8, 64]);
+//! let grads = o.sqr()?.sum_all()?.backward()?;
+//! assert_eq!(grads.get(&q).unwrap().dims(), q.dims());
+//! # Ok::<(), trit::Error>(())
+//! ```
 
 use super::rope::Rotary;
 use super::with_f32_inputs;
