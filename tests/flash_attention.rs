@@ -18,7 +18,7 @@ use trit::{DType, Result, Tensor};
 // ---------------------------------------------------------------------------------------------------------
 // Cases
 
-const HEAD_DIMS: [usize; 7] = [8, 17, 32, 40, 64, 80, 128];
+const HEAD_DIMS: [usize; 9] = [8, 17, 32, 40, 64, 80, 96, 128, 256];
 /// Lengths around the tile sizes (60 query rows, 64 keys) and their multiples.
 const BOUNDARY_LENS: [usize; 14] = [
     59, 60, 61, 63, 64, 65, 119, 120, 121, 127, 128, 129, 180, 192,
