@@ -112,14 +112,7 @@ impl Attention {
 
     /// `x [batch, seq, hidden] -> [batch, seq, hidden]`. With `causal`, position t attends to 0..=t only.
     pub fn forward(&self, x: &Tensor, rotary: Option<Rotary>, causal: bool) -> Result<Tensor> {
-        self.forward_with(
-            x,
-            &AttentionOptions {
-                causal,
-                rotary,
-                ..AttentionOptions::default()
-            },
-        )
+        self.forward_with(x, &AttentionOptions::new(causal, rotary))
     }
 
     /// `x [batch, seq, hidden] -> [batch, seq, hidden]` with any of [`Tensor::flash_attention`]'s

@@ -59,14 +59,7 @@ impl DecoderBlock {
 
     /// `x [batch, seq, hidden] -> [batch, seq, hidden]`.
     pub fn forward(&self, x: &Tensor, rotary: Option<Rotary>, causal: bool) -> Result<Tensor> {
-        self.forward_with(
-            x,
-            &AttentionOptions {
-                causal,
-                rotary,
-                ..AttentionOptions::default()
-            },
-        )
+        self.forward_with(x, &AttentionOptions::new(causal, rotary))
     }
 
     /// `x [batch, seq, hidden] -> [batch, seq, hidden]` with the attention masked and rotated as `opts`

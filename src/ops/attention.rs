@@ -54,6 +54,17 @@ pub struct AttentionOptions<'a> {
     pub scale: Option<f32>,
 }
 
+impl<'a> AttentionOptions<'a> {
+    /// Causal or full attention with optional rotary positions, no other mask, scale 1/√d.
+    pub fn new(causal: bool, rotary: Option<Rotary<'a>>) -> Self {
+        AttentionOptions {
+            causal,
+            rotary,
+            ..AttentionOptions::default()
+        }
+    }
+}
+
 /// Everything the backward needs besides the inputs and the output.
 struct AttentionBackward {
     dims: k::Dims,

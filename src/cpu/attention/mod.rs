@@ -163,6 +163,33 @@ impl Problem<'_> {
     }
 }
 
+impl Problem<'_> {
+    /// Rotation angles of query row i of batch b (none for a row before the first key).
+    fn query_angles(&self, b: usize, i: usize) -> Option<(&[f32], &[f32], bool)> {
+        let t = i as isize + self.dims.offset();
+        if t >= 0 {
+            self.angles(b, t as usize)
+        } else {
+            None
+        }
+    }
+
+    /// Query rows r0.. of head h, batch b, scaled and rotated, into `dst` (dst.len() / d rows).
+    fn load_queries(&self, q: &[f32], (b, h, r0): (usize, usize, usize), dst: &mut [f32]) {
+        let d = self.dims;
+        let hd = d.head_dim;
+        for (i, row) in dst.chunks_exact_mut(hd).enumerate() {
+            let src = &q[((b * d.q_len + r0 + i) * d.heads + h) * hd..][..hd];
+            load_row(src, row, self.query_angles(b, r0 + i), self.scale, 1.0);
+        }
+    }
+}
+
+/// Whether no key of [c0, c0 + n) is padding.
+fn all_valid(valid: Option<&[u8]>, c0: usize, n: usize) -> bool {
+    valid.is_none_or(|v| v[c0..c0 + n].iter().all(|&x| x != 0))
+}
+
 /// dst = rotate(src) · scale, rotating by +angle (`sign` 1) or back (−1).
 #[inline(always)]
 fn load_row(
@@ -449,22 +476,12 @@ unsafe fn forward_task<T: Tile>(ctx: &Fwd, task: usize) {
     let kvh = h / (d.heads / d.kv_heads);
     let r0 = tile * BR;
     let rows = (d.q_len - r0).min(BR);
-    let off = d.offset();
     let ranges = &ctx.ranges[b * d.q_len + r0..][..rows];
     let span = ctx.spans[b * tiles + tile];
     let valid = p.mask.key_valid.map(|v| &v[b * d.kv_len..][..d.kv_len]);
 
     let mut qt = vec![0f32; rows * hd];
-    for (i, dst) in qt.chunks_exact_mut(hd).enumerate() {
-        let src = &ctx.q[((b * d.q_len + r0 + i) * d.heads + h) * hd..][..hd];
-        let t = (r0 + i) as isize + off;
-        let angles = if t >= 0 {
-            p.angles(b, t as usize)
-        } else {
-            None
-        };
-        load_row(src, dst, angles, p.scale, 1.0);
-    }
+    p.load_queries(ctx.q, (b, h, r0), &mut qt);
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
     let mut acc = vec![0f32; rows * hd];
@@ -479,22 +496,15 @@ unsafe fn forward_task<T: Tile>(ctx: &Fwd, task: usize) {
         let (s, pb) = (&mut s[..rows * nc], &mut pb[..rows * nc]);
         // SAFETY: qt is rows × hd; the first nc columns of block c0 / BC's hd × BC panel; s is rows × nc.
         unsafe {
-            T::gemm(&Gemm {
-                m: rows,
-                n: nc,
-                k: hd,
-                a: qt.as_ptr(),
-                a_rs: hd,
-                a_cs: 1,
-                b: kt.as_ptr().add(c0 * hd),
-                ldb: BC,
-                c: s.as_mut_ptr(),
-                ldc: nc,
-                accumulate: false,
-            });
+            T::gemm(&Gemm::nn(
+                (rows, nc, hd),
+                (qt.as_ptr(), hd),
+                (kt.as_ptr().add(c0 * hd), BC),
+                (s.as_mut_ptr(), nc),
+                false,
+            ));
         }
-        let keys_valid = valid.is_none_or(|v| v[c0..c0 + nc].iter().all(|&x| x != 0));
-        let full = keys_valid && span.covers(c0, c0 + nc);
+        let full = all_valid(valid, c0, nc) && span.covers(c0, c0 + nc);
         for i in 0..rows {
             let (srow, prow) = (&mut s[i * nc..][..nc], &mut pb[i * nc..][..nc]);
             if !full {
@@ -516,19 +526,13 @@ unsafe fn forward_task<T: Tile>(ctx: &Fwd, task: usize) {
         }
         // SAFETY: pb is rows × nc; value rows c0..c0 + nc of vp (hd apart); acc is rows × hd.
         unsafe {
-            T::gemm(&Gemm {
-                m: rows,
-                n: hd,
-                k: nc,
-                a: pb.as_ptr(),
-                a_rs: nc,
-                a_cs: 1,
-                b: vp.as_ptr().add(c0 * hd),
-                ldb: hd,
-                c: acc.as_mut_ptr(),
-                ldc: hd,
-                accumulate: true,
-            });
+            T::gemm(&Gemm::nn(
+                (rows, hd, nc),
+                (pb.as_ptr(), nc),
+                (vp.as_ptr().add(c0 * hd), hd),
+                (acc.as_mut_ptr(), hd),
+                true,
+            ));
         }
         c0 += nc;
     }
@@ -659,15 +663,9 @@ pub fn backward(
     }
     drop(partials);
     // dQ = scale · dS · K (the copies of Q were scaled, K's were not); rotate dQ and dK back.
-    let off = d.offset();
     dq.par_chunks_mut(hd).enumerate().for_each(|(row, x)| {
-        let b = row / (d.q_len * d.heads);
-        let t = (row / d.heads % d.q_len) as isize + off;
-        let angles = if t >= 0 {
-            p.angles(b, t as usize)
-        } else {
-            None
-        };
+        let (b, i) = (row / (d.q_len * d.heads), row / d.heads % d.q_len);
+        let angles = p.query_angles(b, i);
         let src = x.to_vec();
         load_row(&src, x, angles, p.scale, -1.0);
     });
@@ -725,7 +723,6 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
     let (hd, tiles, rep) = (d.head_dim, d.q_tiles(), d.heads / d.kv_heads);
     let (pair, chunk) = (task / ctx.chunks, task % ctx.chunks);
     let (b, kvh) = (pair / d.kv_heads, pair % d.kv_heads);
-    let off = d.offset();
     let valid = p.mask.key_valid.map(|v| &v[b * d.kv_len..][..d.kv_len]);
     let mut private = if ctx.chunks > 1 {
         vec![0f32; rep * d.q_len * hd]
@@ -760,7 +757,7 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
                 vt[c * nc + j] = ctx.v[at + c];
             }
         }
-        let keys_valid = valid.is_none_or(|v| v[c0..c0 + nc].iter().all(|&x| x != 0));
+        let keys_valid = all_valid(valid, c0, nc);
         for r in 0..rep {
             let h = kvh * rep + r;
             for tile in 0..tiles {
@@ -772,16 +769,7 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
                 let rows = (d.q_len - r0).min(BR);
                 let ranges = &ctx.ranges[b * d.q_len + r0..][..rows];
                 let qs = &mut qs[..rows * hd];
-                for (i, dst) in qs.chunks_exact_mut(hd).enumerate() {
-                    let src = &ctx.q[((b * d.q_len + r0 + i) * d.heads + h) * hd..][..hd];
-                    let t = (r0 + i) as isize + off;
-                    let angles = if t >= 0 {
-                        p.angles(b, t as usize)
-                    } else {
-                        None
-                    };
-                    load_row(src, dst, angles, p.scale, 1.0);
-                }
+                p.load_queries(ctx.q, (b, h, r0), qs);
                 let (s, pb) = (&mut s[..rows * nc], &mut pb[..rows * nc]);
                 // dO's rows lie heads·hd apart (often a multiple of 4 KiB, which would alias in L1).
                 let dob = &mut dob[..rows * hd];
@@ -792,19 +780,13 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
                 }
                 // SAFETY: qs is rows × hd, kt hd × nc and s rows × nc, all local.
                 unsafe {
-                    T::gemm(&Gemm {
-                        m: rows,
-                        n: nc,
-                        k: hd,
-                        a: qs.as_ptr(),
-                        a_rs: hd,
-                        a_cs: 1,
-                        b: kt.as_ptr(),
-                        ldb: nc,
-                        c: s.as_mut_ptr(),
-                        ldc: nc,
-                        accumulate: false,
-                    });
+                    T::gemm(&Gemm::nn(
+                        (rows, nc, hd),
+                        (qs.as_ptr(), hd),
+                        (kt.as_ptr(), nc),
+                        (s.as_mut_ptr(), nc),
+                        false,
+                    ));
                 }
                 let full = keys_valid && span.covers(c0, c0 + nc);
                 let lse = &ctx.lse[(b * d.heads + h) * d.q_len + r0..][..rows];
@@ -823,32 +805,20 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
                 // SAFETY: pb is rows × nc, dob rows × hd, dva nc × hd, vt hd × nc and s rows × nc, all
                 // local.
                 unsafe {
-                    T::gemm(&Gemm {
-                        m: nc,
-                        n: hd,
-                        k: rows,
-                        a: pb.as_ptr(),
-                        a_rs: 1,
-                        a_cs: nc,
-                        b: dob.as_ptr(),
-                        ldb: hd,
-                        c: dva.as_mut_ptr(),
-                        ldc: hd,
-                        accumulate: true,
-                    });
-                    T::gemm(&Gemm {
-                        m: rows,
-                        n: nc,
-                        k: hd,
-                        a: dob.as_ptr(),
-                        a_rs: hd,
-                        a_cs: 1,
-                        b: vt.as_ptr(),
-                        ldb: nc,
-                        c: s.as_mut_ptr(),
-                        ldc: nc,
-                        accumulate: false,
-                    });
+                    T::gemm(&Gemm::tn(
+                        (nc, hd, rows),
+                        (pb.as_ptr(), nc),
+                        (dob.as_ptr(), hd),
+                        (dva.as_mut_ptr(), hd),
+                        true,
+                    ));
+                    T::gemm(&Gemm::nn(
+                        (rows, nc, hd),
+                        (dob.as_ptr(), hd),
+                        (vt.as_ptr(), nc),
+                        (s.as_mut_ptr(), nc),
+                        false,
+                    ));
                 }
                 let dd = &ctx.dd[(b * d.heads + h) * d.q_len + r0..][..rows];
                 for i in 0..rows {
@@ -875,32 +845,20 @@ unsafe fn backward_task<T: Tile>(ctx: &Bwd, task: usize) -> Vec<f32> {
                 // (rows × hd at stride ldq) are this task's private copy, or (one chunk per pair)
                 // rows (b, r0.., h) of dq, which only this pair's single task writes.
                 unsafe {
-                    T::gemm(&Gemm {
-                        m: nc,
-                        n: hd,
-                        k: rows,
-                        a: s.as_ptr(),
-                        a_rs: 1,
-                        a_cs: nc,
-                        b: qs.as_ptr(),
-                        ldb: hd,
-                        c: dka.as_mut_ptr(),
-                        ldc: hd,
-                        accumulate: true,
-                    });
-                    T::gemm(&Gemm {
-                        m: rows,
-                        n: hd,
-                        k: nc,
-                        a: s.as_ptr(),
-                        a_rs: nc,
-                        a_cs: 1,
-                        b: kb.as_ptr(),
-                        ldb: hd,
-                        c: dq,
-                        ldc: ldq,
-                        accumulate: true,
-                    });
+                    T::gemm(&Gemm::tn(
+                        (nc, hd, rows),
+                        (s.as_ptr(), nc),
+                        (qs.as_ptr(), hd),
+                        (dka.as_mut_ptr(), hd),
+                        true,
+                    ));
+                    T::gemm(&Gemm::nn(
+                        (rows, hd, nc),
+                        (s.as_ptr(), nc),
+                        (kb.as_ptr(), hd),
+                        (dq, ldq),
+                        true,
+                    ));
                 }
             }
         }

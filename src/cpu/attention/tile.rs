@@ -27,6 +27,49 @@ pub(super) struct Gemm {
     pub accumulate: bool,
 }
 
+/// A matrix operand: its first element and its row stride.
+pub(super) type Operand<T> = (T, usize);
+
+impl Gemm {
+    /// C[m × n] (+)= A[m × k] · B[k × n], each row-major at its row stride.
+    pub fn nn(
+        (m, n, k): (usize, usize, usize),
+        (a, lda): Operand<*const f32>,
+        (b, ldb): Operand<*const f32>,
+        (c, ldc): Operand<*mut f32>,
+        accumulate: bool,
+    ) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            a,
+            a_rs: lda,
+            a_cs: 1,
+            b,
+            ldb,
+            c,
+            ldc,
+            accumulate,
+        }
+    }
+
+    /// C[m × n] (+)= Aᵀ · B where A is stored k × m, row-major at row stride `lda`.
+    pub fn tn(
+        (m, n, k): (usize, usize, usize),
+        (a, lda): Operand<*const f32>,
+        (b, ldb): Operand<*const f32>,
+        (c, ldc): Operand<*mut f32>,
+        accumulate: bool,
+    ) -> Gemm {
+        Gemm {
+            a_rs: 1,
+            a_cs: lda,
+            ..Gemm::nn((m, n, k), (a, 0), (b, ldb), (c, ldc), accumulate)
+        }
+    }
+}
+
 /// One instruction set's product.
 pub(super) trait Tile {
     /// Runs `g`.
@@ -91,33 +134,62 @@ mod x86 {
     /// 16 lanes, 4 vectors (64 columns) per chunk.
     pub(crate) struct Avx512;
 
+    /// One instruction set's register tile, behind the shared driver.
+    trait Micro {
+        /// Columns of C per chunk (the widest tile).
+        const CHUNK: usize;
+
+        /// The tile of C at (i0, j0): MR rows (fewer at the bottom), `nc` ≤ CHUNK columns.
+        ///
+        /// # Safety
+        /// As [`Tile::gemm`]; the tile lies inside m × n.
+        unsafe fn tile(g: &Gemm, i0: usize, j0: usize, nc: usize);
+    }
+
+    /// Walks the CHUNK-column chunks of C and, inside each, its MR-row strips. A trait method rather
+    /// than a closure, so that it inlines into the `#[target_feature]` callers with their features.
+    ///
+    /// # Safety
+    /// As [`Tile::gemm`], for `M`'s instruction set.
+    #[inline(always)]
+    unsafe fn drive<M: Micro>(g: &Gemm) {
+        if g.m == 0 || g.n == 0 {
+            return;
+        }
+        for j0 in (0..g.n).step_by(M::CHUNK) {
+            let nc = (g.n - j0).min(M::CHUNK);
+            for i0 in (0..g.m).step_by(MR) {
+                // SAFETY: forwarded; the strip and chunk lie inside m × n.
+                unsafe { M::tile(g, i0, j0, nc) };
+            }
+        }
+    }
+
     impl Tile for Avx512 {
         #[inline(always)]
         unsafe fn gemm(g: &Gemm) {
-            if g.m == 0 || g.n == 0 {
-                return;
-            }
-            let mut j0 = 0;
-            while j0 < g.n {
-                let nc = (g.n - j0).min(64);
-                let mut i0 = 0;
-                while i0 < g.m {
-                    // SAFETY: forwarded; the strip and chunk lie inside m × n.
-                    unsafe {
-                        match (nc.div_ceil(16), nc.is_multiple_of(16)) {
-                            (4, true) => mk512::<4, false>(g, i0, j0, nc),
-                            (4, false) => mk512::<4, true>(g, i0, j0, nc),
-                            (3, true) => mk512::<3, false>(g, i0, j0, nc),
-                            (3, false) => mk512::<3, true>(g, i0, j0, nc),
-                            (2, true) => mk512::<2, false>(g, i0, j0, nc),
-                            (2, false) => mk512::<2, true>(g, i0, j0, nc),
-                            (_, true) => mk512::<1, false>(g, i0, j0, nc),
-                            (_, false) => mk512::<1, true>(g, i0, j0, nc),
-                        }
-                    }
-                    i0 += MR;
+            // SAFETY: forwarded.
+            unsafe { drive::<Avx512>(g) }
+        }
+    }
+
+    impl Micro for Avx512 {
+        const CHUNK: usize = 64;
+
+        #[inline(always)]
+        unsafe fn tile(g: &Gemm, i0: usize, j0: usize, nc: usize) {
+            // SAFETY: forwarded.
+            unsafe {
+                match (nc.div_ceil(16), nc.is_multiple_of(16)) {
+                    (4, true) => mk512::<4, false>(g, i0, j0, nc),
+                    (4, false) => mk512::<4, true>(g, i0, j0, nc),
+                    (3, true) => mk512::<3, false>(g, i0, j0, nc),
+                    (3, false) => mk512::<3, true>(g, i0, j0, nc),
+                    (2, true) => mk512::<2, false>(g, i0, j0, nc),
+                    (2, false) => mk512::<2, true>(g, i0, j0, nc),
+                    (_, true) => mk512::<1, false>(g, i0, j0, nc),
+                    (_, false) => mk512::<1, true>(g, i0, j0, nc),
                 }
-                j0 += 64;
             }
         }
     }
@@ -190,26 +262,24 @@ mod x86 {
     impl Tile for Avx2 {
         #[inline(always)]
         unsafe fn gemm(g: &Gemm) {
-            if g.m == 0 || g.n == 0 {
-                return;
-            }
-            let mut j0 = 0;
-            while j0 < g.n {
-                let nc = (g.n - j0).min(16);
-                let mut i0 = 0;
-                while i0 < g.m {
-                    // SAFETY: forwarded; the strip and chunk lie inside m × n.
-                    unsafe {
-                        match (nc.div_ceil(8), nc.is_multiple_of(8)) {
-                            (2, true) => mk256::<2, false>(g, i0, j0, nc),
-                            (2, false) => mk256::<2, true>(g, i0, j0, nc),
-                            (_, true) => mk256::<1, false>(g, i0, j0, nc),
-                            (_, false) => mk256::<1, true>(g, i0, j0, nc),
-                        }
-                    }
-                    i0 += MR;
+            // SAFETY: forwarded.
+            unsafe { drive::<Avx2>(g) }
+        }
+    }
+
+    impl Micro for Avx2 {
+        const CHUNK: usize = 16;
+
+        #[inline(always)]
+        unsafe fn tile(g: &Gemm, i0: usize, j0: usize, nc: usize) {
+            // SAFETY: forwarded.
+            unsafe {
+                match (nc.div_ceil(8), nc.is_multiple_of(8)) {
+                    (2, true) => mk256::<2, false>(g, i0, j0, nc),
+                    (2, false) => mk256::<2, true>(g, i0, j0, nc),
+                    (_, true) => mk256::<1, false>(g, i0, j0, nc),
+                    (_, false) => mk256::<1, true>(g, i0, j0, nc),
                 }
-                j0 += 16;
             }
         }
     }
