@@ -334,6 +334,13 @@ impl Storage {
         dtype: DType,
         f: impl FnOnce(&[&[f32]]) -> Vec<f32>,
     ) -> Result<Storage> {
+        let out = Storage::with_f32_views(inputs, f);
+        Ok(Storage::Cpu(CpuStorage::from_f32(out, dtype)))
+    }
+
+    /// Runs `f` on contiguous f32 views of `inputs`: borrowed where a view is already f32 and
+    /// contiguous, widened or gathered into a copy otherwise (for kernels with several outputs).
+    pub fn with_f32_views<R>(inputs: &[(&Storage, &Layout)], f: impl FnOnce(&[&[f32]]) -> R) -> R {
         let vecs: Vec<std::borrow::Cow<'_, [f32]>> = inputs
             .iter()
             .map(|(s, l)| match (s.cpu().as_f32(), l.contiguous_range()) {
@@ -342,7 +349,7 @@ impl Storage {
             })
             .collect();
         let slices: Vec<&[f32]> = vecs.iter().map(|v| v.as_ref()).collect();
-        Ok(Storage::Cpu(CpuStorage::from_f32(f(&slices), dtype)))
+        f(&slices)
     }
 
     pub fn to_f32_vec(&self, layout: &Layout) -> Vec<f32> {

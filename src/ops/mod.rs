@@ -25,28 +25,24 @@ pub(crate) fn fused_kernel(
     f: impl FnOnce(&[&[f32]]) -> Vec<f32>,
 ) -> Result<Storage> {
     let guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
-    let pairs: Vec<(&Storage, &crate::layout::Layout)> = guards
+    Storage::f32_kernel(&pairs(&guards, inputs), dtype, f)
+}
+
+/// [`fused_kernel`] for kernels with several outputs: runs `f` on the same views and returns what it
+/// returns.
+pub(crate) fn with_f32_inputs<R>(inputs: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> R {
+    let guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
+    Storage::with_f32_views(&pairs(&guards, inputs), f)
+}
+
+/// Each input's storage (behind its read guard) with its layout.
+fn pairs<'a>(
+    guards: &'a [std::sync::RwLockReadGuard<'_, Storage>],
+    inputs: &'a [&Tensor],
+) -> Vec<(&'a Storage, &'a crate::layout::Layout)> {
+    guards
         .iter()
         .zip(inputs)
         .map(|(g, t)| (&**g, t.layout()))
-        .collect();
-    Storage::f32_kernel(&pairs, dtype, f)
-}
-
-/// Runs `f` on row-major f32 views of `inputs` (borrowing f32 contiguous inputs, widening the rest): for
-/// fused ops whose kernels produce several outputs.
-pub(crate) fn with_f32_inputs<R>(inputs: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> R {
-    let guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
-    let vecs: Vec<std::borrow::Cow<'_, [f32]>> = guards
-        .iter()
-        .zip(inputs)
-        .map(
-            |(g, t)| match (g.cpu().as_f32(), t.layout().contiguous_range()) {
-                (Some(x), Some(r)) => std::borrow::Cow::Borrowed(&x[r]),
-                _ => std::borrow::Cow::Owned(g.to_f32_vec(t.layout())),
-            },
-        )
-        .collect();
-    let slices: Vec<&[f32]> = vecs.iter().map(|v| v.as_ref()).collect();
-    f(&slices)
+        .collect()
 }
