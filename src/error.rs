@@ -43,6 +43,8 @@ pub enum Error {
     },
     #[error("safetensors {path}: {msg}")]
     SafeTensors { path: String, msg: String },
+    #[error("gguf {path}: {msg}")]
+    Gguf { path: String, msg: String },
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: String, msg: String },
     #[error("{path}: {source}")]

@@ -18,6 +18,7 @@ Examples:
   trit bench train --json                training tokens/s vs PyTorch's CPU figure
   trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
   trit bench attention                   flash attention vs naive, fwd and fwd+bwd; decode per KV format
+  trit inspect model.gguf                metadata and tensor table of a GGUF or safetensors file
 
 Run `trit <COMMAND> --help` for the flags of each command. With cargo, put them after `--`:
   cargo run --release -- demo --steps 100";
@@ -62,6 +63,12 @@ enum Command {
     /// Measure speed, next to a peer measured on the same machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Show what a model file holds: its metadata and a table of its tensors (name, type, shape,
+    /// bytes). Reads GGUF and safetensors files, told apart by their first bytes.
+    Inspect {
+        /// The .gguf or .safetensors file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -347,6 +354,9 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => run_train(args, None),
         Some(Command::Train { args, resume }) => run_train(args, resume.clone()),
         Some(Command::Bench(cmd)) => run_bench(cmd),
+        Some(Command::Inspect { file }) => {
+            trit_models::inspect::inspect(file).map(|report| print!("{report}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

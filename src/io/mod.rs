@@ -1,7 +1,8 @@
-//! File formats: safetensors (read zero-copy, write atomically), tensors to and from safetensors, and
-//! training checkpoints.
+//! File formats: safetensors (read zero-copy, write atomically), GGUF (read, validated, memory-mapped),
+//! tensors to and from safetensors, and training checkpoints.
 
 pub mod checkpoint;
+pub mod gguf;
 pub mod safetensors;
 pub mod tensors;
 

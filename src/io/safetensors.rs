@@ -77,7 +77,19 @@ enum Repr {
 }
 
 impl Backing {
-    fn owned(bytes: &[u8]) -> Backing {
+    /// A read-only map of `file`.
+    pub(crate) fn map(file: &File) -> io::Result<Backing> {
+        // SAFETY: the map is only sound while nobody else writes to or truncates the file: a
+        // concurrent write changes bytes behind a `&[u8]`, and a truncation turns reads past the
+        // new end into SIGBUS. We assume model and checkpoint files are not modified in place
+        // while open; trit's own writers never do so, since `write_atomic` renames a new file
+        // over the old path, leaving any existing mapping on the old inode. Every slice the
+        // readers hand out lies within the map's length, checked when they parse it.
+        let map = unsafe { memmap2::Mmap::map(file) }?;
+        Ok(Backing(Repr::Mapped(map)))
+    }
+
+    pub(crate) fn owned(bytes: &[u8]) -> Backing {
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
         Backing(Repr::Owned {
@@ -129,14 +141,8 @@ impl SafeTensors {
     pub fn open(path: impl AsRef<Path>) -> Result<SafeTensors> {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is only sound while nobody else writes to or truncates the file: a
-        // concurrent write changes bytes behind a `&[u8]`, and a truncation turns reads past the
-        // new end into SIGBUS. We assume model and checkpoint files are not modified in place
-        // while open; trit's own writers never do so, since `write_atomic` renames a new file
-        // over the old path, leaving any existing mapping on the old inode. Whatever the bytes,
-        // every slice handed out lies within the map's length, checked once here.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::from_backing(Backing(Repr::Mapped(map)), path.display().to_string())
+        let backing = Backing::map(&file).map_err(|e| Error::io(path, e))?;
+        Self::from_backing(backing, path.display().to_string())
     }
 
     /// Validates an in-memory buffer (same checks; used by tests and fuzzing). `path` is only for
