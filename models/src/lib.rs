@@ -7,6 +7,7 @@
 //! - [`demo`]: the training run behind `trit demo` / `trit train` and the training benchmark.
 //! - [`bench`]: GEMM throughput against a peer measured in the same run (`trit bench matmul`).
 //! - [`qbench`]: packed low-bit matmul against trit's f32 matmul (`trit bench qmatmul`).
+//! - [`tokenizer`]: byte-level BPE read from GGUF metadata.
 //! - [`inspect`]: the metadata and tensor table of a GGUF or safetensors file (`trit inspect`).
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
@@ -18,3 +19,4 @@ pub mod demo;
 pub mod inspect;
 pub mod llama;
 pub mod qbench;
+pub mod tokenizer;
