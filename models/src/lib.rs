@@ -3,6 +3,7 @@
 //! Architectures, training recipes and the `trit` command-line tool, built on the `trit` engine.
 //!
 //! - [`llama`]: a Llama-style decoder (RMSNorm, grouped-query attention with RoPE, SwiGLU).
+//! - [`llama_gguf`]: a Llama-architecture GGUF file (SmolLM2) as a [`llama::Llama`].
 //! - [`data`]: the bundled King James Bible corpus and byte-level batching.
 //! - [`demo`]: the training run behind `trit demo` / `trit train` and the training benchmark.
 //! - [`bench`]: GEMM throughput against a peer measured in the same run (`trit bench matmul`).
@@ -18,5 +19,6 @@ pub mod data;
 pub mod demo;
 pub mod inspect;
 pub mod llama;
+pub mod llama_gguf;
 pub mod qbench;
 pub mod tokenizer;

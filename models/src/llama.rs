@@ -35,6 +35,9 @@ pub struct LlamaConfig {
     pub rope_base: f32,
     /// Multiplies positions before rotation (1.0: plain RoPE; < 1: position interpolation).
     pub rope_scale: f32,
+    /// Which dims RoPE pairs: Hugging Face checkpoints rotate halves; GGUF files store q and k
+    /// permuted for llama.cpp's interleaved pairs.
+    pub rope_style: RopeStyle,
     pub norm_eps: f32,
     /// Reuse the embedding table as the output projection.
     pub tie_embeddings: bool,
@@ -56,6 +59,7 @@ impl LlamaConfig {
             max_seq: 64,
             rope_base: 10_000.0,
             rope_scale: 1.0,
+            rope_style: RopeStyle::Half,
             norm_eps: 1e-5,
             tie_embeddings: true,
         }
@@ -215,7 +219,7 @@ impl Llama {
             cfg.max_seq,
             cfg.rope_base,
             cfg.rope_scale,
-            RopeStyle::Half,
+            cfg.rope_style,
             params.device(),
         )?;
         Ok(Llama {

@@ -1,0 +1,126 @@
+//! A Llama-architecture GGUF file (llama.cpp's layout, e.g. SmolLM2) as a [`Llama`]: the config from
+//! the `llama.*` metadata and the weights under their Hugging Face names.
+//!
+//! GGUF stores q_proj and k_proj rows permuted so that llama.cpp's RoPE can rotate interleaved pairs
+//! (2i, 2i + 1); loaded as stored, they need [`RopeStyle::Interleaved`], which computes exactly what
+//! Hugging Face's rotate-half does on the unpermuted weights. Weights in block formats are dequantized
+//! to f32 here (what the reference implementation does), so the model trains and runs on every path.
+
+use crate::llama::{Llama, LlamaConfig};
+use trit::io::gguf::Gguf;
+use trit::nn::ParamStore;
+use trit::ops::rope::RopeStyle;
+use trit::{DType, Device, Error, Result};
+
+/// The model's shape from a GGUF file's `llama.*` metadata.
+pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig> {
+    let arch = g.get_str("general.architecture")?;
+    if arch != "llama" {
+        return Err(Error::Msg(format!(
+            "{}: architecture {arch:?} is not llama",
+            g.path()
+        )));
+    }
+    let int = |key: &str| -> Result<usize> {
+        let v = g.get_u64(&format!("llama.{key}"))?;
+        usize::try_from(v)
+            .map_err(|_| Error::Msg(format!("{}: llama.{key} {v} is too large", g.path())))
+    };
+    let hidden = int("embedding_length")?;
+    let heads = int("attention.head_count")?;
+    let vocab_size = match g.get_u64("llama.vocab_size") {
+        Ok(v) => v as usize,
+        Err(_) => g.get_str_array("tokenizer.ggml.tokens")?.len(),
+    };
+    let has = |key: &str| g.metadata().contains_key(key);
+    let cfg = LlamaConfig {
+        vocab_size,
+        hidden,
+        layers: int("block_count")?,
+        heads,
+        kv_heads: if has("llama.attention.head_count_kv") {
+            int("attention.head_count_kv")?
+        } else {
+            heads
+        },
+        ffn_hidden: int("feed_forward_length")?,
+        max_seq: int("context_length")?,
+        rope_base: if has("llama.rope.freq_base") {
+            g.get_f64("llama.rope.freq_base")? as f32
+        } else {
+            10_000.0
+        },
+        rope_scale: 1.0,
+        rope_style: RopeStyle::Interleaved,
+        norm_eps: g.get_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
+        tie_embeddings: g.info("output.weight").is_err(),
+    };
+    if has("llama.rope.dimension_count") && heads > 0 {
+        let rot = int("rope.dimension_count")?;
+        if rot != hidden / heads {
+            return Err(Error::Msg(format!(
+                "{}: RoPE over {rot} of {} head dims (partial rotary) is not supported",
+                g.path(),
+                hidden / heads
+            )));
+        }
+    }
+    Ok(cfg)
+}
+
+/// The Hugging Face name of a GGUF Llama tensor.
+fn hf_name(gguf: &str) -> Option<String> {
+    let direct = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = direct {
+        return Some(n.to_owned());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// The model in `g`, its weights in f32 in a new [`ParamStore`]. Every tensor of the file must map
+/// to a parameter and every parameter must come from the file.
+pub fn load_llama(g: &Gguf, device: Device) -> Result<(ParamStore, Llama)> {
+    let cfg = config_from_gguf(g)?;
+    let ps = ParamStore::new(0, DType::F32, device);
+    for info in g.tensors() {
+        let name = hf_name(&info.name).ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: tensor {:?} is not part of a Llama model",
+                g.path(),
+                info.name
+            ))
+        })?;
+        let t = g.tensor(&info.name, device)?.to_dtype(DType::F32)?;
+        ps.insert(&name, &t)?;
+    }
+    let loaded: std::collections::BTreeSet<String> = ps.all().into_iter().map(|(n, _)| n).collect();
+    let model = Llama::new(&ps, cfg).map_err(|e| Error::Msg(format!("{}: {e}", g.path())))?;
+    // Llama::new creates what the file lacked (with random values): that is a missing weight.
+    if let Some((missing, _)) = ps.all().into_iter().find(|(n, _)| !loaded.contains(n)) {
+        return Err(Error::Msg(format!(
+            "{}: the file has no weight for {missing}",
+            g.path()
+        )));
+    }
+    Ok((ps, model))
+}
