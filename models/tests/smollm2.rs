@@ -141,3 +141,29 @@ fn passage_logits_match_the_reference() -> trit::Result<()> {
     println!("passage perplexity {ppl:.4} (reference {want_ppl:.4}); largest NLL or logit difference {worst:.2e}");
     Ok(())
 }
+
+/// Greedy decoding through the KV cache reproduces transformers' greedy continuation of the chat
+/// prompt token for token, up to and including its stop token <|im_end|>.
+#[test]
+fn greedy_chat_continuation_matches_the_reference() -> trit::Result<()> {
+    use trit_models::llama_gguf::load_llama;
+    let g = Gguf::open(common::model_file(GGUF))?;
+    let (_, model) = load_llama(&g, trit::Device::Cpu)?;
+    let fx = common::fixture("smollm2-reference.json");
+    let chat = &fx["chat_greedy"];
+    let want = ids(&chat["generated_ids"]);
+    let got = model.generate(
+        &ids(&chat["prompt_ids"]),
+        want.len(),
+        0.0,
+        None,
+        &mut trit::Rng::new(0),
+    )?;
+    assert_eq!(got, want);
+    let bpe = bpe_from_gguf(&g)?;
+    assert_eq!(
+        bpe.decode(&got, false)?,
+        chat["generated_text"].as_str().expect("generated_text")
+    );
+    Ok(())
+}
