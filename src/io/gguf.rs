@@ -15,7 +15,9 @@
 //!
 //! Tensors of F32, F16 and BF16 load as tensors of that dtype; Q4_0, Q4_1, Q8_0, TQ1_0 and TQ2_0 load
 //! as packed [`QTensor`]s for the low-bit kernels (or dequantized to f32 when asked). Files holding
-//! other ggml types still open (their sizes are known), and asking for such a tensor is an error.
+//! the other classic ggml types (Q5_0/1, Q8_1, the K-quants, integer and f64 tensors) still open, since
+//! their block sizes are known, and asking for such a tensor is an error; ids the reader has no size
+//! for (the IQ types among them) make the file an error.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -577,7 +579,7 @@ fn parse(bytes: &[u8]) -> Parsed<Header> {
     if !(2..=3).contains(&version) {
         return Err(format!(
             "GGUF version {version} is not supported (versions 2 and 3 are){}",
-            if version.swap_bytes() <= 3 {
+            if (2..=3).contains(&version.swap_bytes()) {
                 "; the file looks big-endian"
             } else {
                 ""
@@ -650,7 +652,8 @@ fn parse(bytes: &[u8]) -> Parsed<Header> {
             bytes.len(),
         )?);
     }
-    let mut order: Vec<&TensorInfo> = tensors.iter().collect();
+    // Empty tensors hold no bytes, so they cannot overlap anything.
+    let mut order: Vec<&TensorInfo> = tensors.iter().filter(|t| t.end > t.start).collect();
     order.sort_by_key(|t| t.start);
     if let Some(w) = order.windows(2).find(|w| w[1].start < w[0].end) {
         return Err(format!(
@@ -671,11 +674,18 @@ fn tensor_info(
     file_len: usize,
 ) -> Parsed<TensorInfo> {
     let what = format!("tensor {name:?}");
-    let elems = dims
-        .iter()
-        .try_fold(1u64, |a, &d| a.checked_mul(d))
-        .filter(|&n| n < 1 << 56)
-        .ok_or_else(|| format!("{what}: dims {dims:?} are too large"))? as usize;
+    // The non-zero dims too: a zero among huge ones makes an empty tensor whose shape would still
+    // overflow anything that multiplies its dims in another order.
+    let product = |nonzero: bool| {
+        dims.iter()
+            .filter(|&&d| !nonzero || d != 0)
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n < 1 << 56)
+    };
+    let elems = product(false)
+        .zip(product(true))
+        .ok_or_else(|| format!("{what}: dims {dims:?} are too large"))?
+        .0 as usize;
     let (bw, bb) = ty.block();
     let row = dims[0] as usize;
     if !row.is_multiple_of(bw) {

@@ -99,7 +99,9 @@ impl GgmlType {
                 self.block_weights()
             );
         }
-        rows.checked_mul(cols / self.block_weights() * self.block_bytes())
+        (cols / self.block_weights())
+            .checked_mul(self.block_bytes())
+            .and_then(|row| rows.checked_mul(row))
             .ok_or_else(|| {
                 crate::error::Error::Msg(format!("gguf: {self:?} [{rows}, {cols}] is too large"))
             })
