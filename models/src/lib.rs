@@ -4,6 +4,8 @@
 //!
 //! - [`llama`]: a Llama-style decoder (RMSNorm, grouped-query attention with RoPE, SwiGLU).
 //! - [`llama_gguf`]: a Llama-architecture GGUF file (SmolLM2) as a [`llama::Llama`].
+//! - [`generate`]: sampling (temperature, top-k, top-p, repetition penalty), stop tokens, streaming, ChatML.
+//! - [`llm`]: a GGUF language model with its tokenizer and template, streaming to a writer.
 //! - [`data`]: the bundled King James Bible corpus and byte-level batching.
 //! - [`demo`]: the training run behind `trit demo` / `trit train` and the training benchmark.
 //! - [`bench`]: GEMM throughput against a peer measured in the same run (`trit bench matmul`).
@@ -17,8 +19,10 @@ pub mod attnbench;
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod generate;
 pub mod inspect;
 pub mod llama;
 pub mod llama_gguf;
+pub mod llm;
 pub mod qbench;
 pub mod tokenizer;

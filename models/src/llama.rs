@@ -8,6 +8,7 @@
 //! Generation decodes incrementally through a per-layer KV cache ([`Llama::forward_cached`]) in a
 //! format of the caller's choice (f32 by default, or f16/int8/int4, see [`KvFormat`]).
 
+use crate::generate::{sample, Sampling};
 use std::fmt;
 use trit::nn::kv_cache::{KvCache, KvFormat};
 use trit::nn::packing::{positions_from_segments, IGNORE_INDEX};
@@ -405,6 +406,27 @@ impl Llama {
         kv: KvFormat,
         rng: &mut Rng,
     ) -> Result<Vec<u32>> {
+        let sampling = Sampling {
+            temperature,
+            top_k,
+            ..Sampling::default()
+        };
+        sampling.validate()?;
+        self.decode_loop(prompt, n, kv, |logits, context| {
+            Ok((sample(logits, &sampling, context, rng), true))
+        })
+    }
+
+    /// The decoding loop under every generation call: up to `n` times, runs the tokens not yet in
+    /// the caches, hands the last position's logits and the whole context to `step`, and appends the
+    /// token it returns (stopping after it when it says so). Returns the new tokens.
+    pub(crate) fn decode_loop(
+        &self,
+        prompt: &[u32],
+        n: usize,
+        kv: KvFormat,
+        mut step: impl FnMut(&[f32], &[u32]) -> Result<(u32, bool)>,
+    ) -> Result<Vec<u32>> {
         if prompt.is_empty() {
             trit::bail!("Llama::generate", "the prompt must have at least one token");
         }
@@ -414,15 +436,6 @@ impl Llama {
                 "prompt token {t} is outside the vocabulary of {}",
                 self.cfg.vocab_size
             );
-        }
-        if !temperature.is_finite() || temperature < 0.0 {
-            trit::bail!(
-                "Llama::generate",
-                "temperature must be finite and ≥ 0, got {temperature}"
-            );
-        }
-        if top_k == Some(0) {
-            trit::bail!("Llama::generate", "top_k must be at least 1");
         }
         let _no_grad = trit::no_grad();
         let window = self.cfg.max_seq;
@@ -448,7 +461,11 @@ impl Llama {
                 .narrow(1, new.len() - 1, 1)?
                 .to_dtype(DType::F32)?
                 .to_vec::<f32>()?;
-            tokens.push(sample(&logits, temperature, top_k, rng));
+            let (t, more) = step(&logits, &tokens)?;
+            tokens.push(t);
+            if !more {
+                break;
+            }
         }
         Ok(tokens.split_off(prompt.len()))
     }
@@ -456,30 +473,6 @@ impl Llama {
     fn device(&self) -> trit::Device {
         self.embed_tokens.weight().device()
     }
-}
-
-/// Picks a token from one row of logits (see [`Llama::generate`]).
-fn sample(logits: &[f32], temperature: f32, top_k: Option<usize>, rng: &mut Rng) -> u32 {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if temperature == 0.0 {
-        return order[0] as u32;
-    }
-    order.truncate(top_k.unwrap_or(order.len()));
-    let max = logits[order[0]] as f64;
-    let weights: Vec<f64> = order
-        .iter()
-        .map(|&i| ((logits[i] as f64 - max) / temperature as f64).exp())
-        .collect();
-    let mut u = rng.uniform_f64() * weights.iter().sum::<f64>();
-    for (&i, w) in order.iter().zip(&weights) {
-        if u < *w {
-            return i as u32;
-        }
-        u -= w;
-    }
-    // Rounding can leave u a hair above the last weight; the last candidate is then the right pick.
-    order[order.len() - 1] as u32
 }
 
 #[cfg(test)]
@@ -740,7 +733,7 @@ mod tests {
             let ids = Tensor::from_vec(ids, (1, new.len()), Device::Cpu)?;
             let logits = model.forward_cached(&ids, &mut caches)?;
             let last = logits.narrow(1, new.len() - 1, 1)?.to_vec_f32();
-            let t = sample(&last, 0.0, None, &mut Rng::new(0));
+            let t = sample(&last, &Sampling::default(), &seq, &mut Rng::new(0));
             all.push(last);
             seq.push(t);
             new = vec![t];
@@ -831,18 +824,5 @@ mod tests {
         assert!(model.forward_cached(&bad, &mut caches).is_err());
         assert!(caches.iter().all(|c| c.len() == 3));
         Ok(())
-    }
-
-    #[test]
-    fn sampling_respects_top_k_and_temperature() {
-        let logits = [0.0f32, 5.0, 4.9, -3.0];
-        let mut rng = Rng::new(4);
-        for _ in 0..200 {
-            let t = sample(&logits, 1.0, Some(2), &mut rng);
-            assert!(t == 1 || t == 2);
-        }
-        assert_eq!(sample(&logits, 0.0, Some(3), &mut rng), 1);
-        // A very low temperature concentrates on the argmax.
-        assert!((0..50).all(|_| sample(&logits, 0.01, None, &mut rng) == 1));
     }
 }

@@ -19,6 +19,8 @@ Examples:
   trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
   trit bench attention                   flash attention vs naive, fwd and fwd+bwd; decode per KV format
   trit inspect model.gguf                metadata and tensor table of a GGUF or safetensors file
+  trit generate --model m.gguf --chat --prompt \"What is the capital of France?\" --temperature 0
+  trit chat --model m.gguf --kv int8     multi-turn chat on stdin, int8 KV cache
 
 Run `trit <COMMAND> --help` for the flags of each command. With cargo, put them after `--`:
   cargo run --release -- demo --steps 100";
@@ -63,6 +65,26 @@ enum Command {
     /// Measure speed, next to a peer measured on the same machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Continue a prompt with a Llama-architecture GGUF model (e.g. SmolLM2), streaming the text.
+    Generate {
+        #[command(flatten)]
+        args: LlmArgs,
+        /// The text to continue.
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as one user turn in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+    },
+    /// Talk with a GGUF chat model: each line on stdin is a user turn; the conversation so far is
+    /// sent through the model's chat template every turn. An empty line or end of input ends it.
+    Chat {
+        #[command(flatten)]
+        args: LlmArgs,
+        /// A system message (otherwise the template's default, if it has one).
+        #[arg(long)]
+        system: Option<String>,
+    },
     /// Show what a model file holds: its metadata and a table of its tensors (name, type, shape,
     /// bytes). Reads GGUF and safetensors files, told apart by their first bytes.
     Inspect {
@@ -136,6 +158,110 @@ impl Size {
             Size::Demo => "demo",
         }
     }
+}
+
+#[derive(Args, Clone, Debug)]
+struct LlmArgs {
+    /// The GGUF model file.
+    #[arg(long, value_name = "FILE.gguf")]
+    model: PathBuf,
+    /// Most tokens to generate (per turn in chat).
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely tokens only (0: no limit).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Sample among the most likely tokens that cover this much probability (1: no limit).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Penalty on tokens already in the context (1: none).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// KV cache format.
+    #[arg(long, value_enum, default_value_t = KvArg::F32)]
+    kv: KvArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum KvArg {
+    F32,
+    F16,
+    Int8,
+    Int4,
+}
+
+impl LlmArgs {
+    fn options(&self) -> trit_models::generate::GenerateOptions {
+        use trit::nn::kv_cache::KvFormat;
+        use trit_models::generate::{GenerateOptions, Sampling};
+        GenerateOptions {
+            max_tokens: self.max_tokens,
+            sampling: Sampling {
+                temperature: self.temperature,
+                top_k: (self.top_k > 0).then_some(self.top_k),
+                top_p: (self.top_p < 1.0).then_some(self.top_p),
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            stop: Vec::new(),
+            kv: match self.kv {
+                KvArg::F32 => KvFormat::F32,
+                KvArg::F16 => KvFormat::F16,
+                KvArg::Int8 => KvFormat::Int8 { group: 32 },
+                KvArg::Int4 => KvFormat::Int4 { group: 32 },
+            },
+        }
+    }
+}
+
+fn run_generate(args: &LlmArgs, prompt: &str, chat: bool) -> trit::Result<()> {
+    let llm = trit_models::llm::Llm::open(&args.model, true)?;
+    let prompt = if chat {
+        llm.chat_prompt(&[("user", prompt)])?
+    } else {
+        prompt.to_owned()
+    };
+    let out = llm.stream(&prompt, &args.options(), &mut std::io::stdout())?;
+    println!();
+    eprintln!(
+        "{} prompt tokens, {} generated in {:.2} s ({:.1} tokens/s)",
+        out.prompt_tokens,
+        out.tokens.len(),
+        out.seconds,
+        out.tokens.len() as f64 / out.seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+fn run_chat(args: &LlmArgs, system: Option<&str>) -> trit::Result<()> {
+    use std::io::BufRead;
+    let llm = trit_models::llm::Llm::open(&args.model, true)?;
+    let mut turns: Vec<(String, String)> = Vec::new();
+    if let Some(s) = system {
+        turns.push(("system".into(), s.into()));
+    }
+    eprintln!("type a message (an empty line ends the chat)");
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| trit::Error::Msg(format!("reading stdin: {e}")))?;
+        if line.trim().is_empty() {
+            break;
+        }
+        turns.push(("user".into(), line));
+        let messages: Vec<(&str, &str)> = turns
+            .iter()
+            .map(|(r, c)| (r.as_str(), c.as_str()))
+            .collect();
+        let prompt = llm.chat_prompt(&messages)?;
+        let out = llm.stream(&prompt, &args.options(), &mut std::io::stdout())?;
+        println!();
+        turns.push(("assistant".into(), out.text));
+    }
+    Ok(())
 }
 
 #[derive(Args, Clone, Debug, Default)]
@@ -354,6 +480,8 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => run_train(args, None),
         Some(Command::Train { args, resume }) => run_train(args, resume.clone()),
         Some(Command::Bench(cmd)) => run_bench(cmd),
+        Some(Command::Generate { args, prompt, chat }) => run_generate(args, prompt, *chat),
+        Some(Command::Chat { args, system }) => run_chat(args, system.as_deref()),
         Some(Command::Inspect { file }) => {
             trit_models::inspect::inspect(file).map(|report| print!("{report}"))
         }

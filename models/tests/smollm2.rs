@@ -167,3 +167,33 @@ fn greedy_chat_continuation_matches_the_reference() -> trit::Result<()> {
     );
     Ok(())
 }
+
+/// What `trit generate --chat --temperature 0` runs: the model's own chat template, its stop tokens,
+/// and text streamed token by token equal to the reference continuation (the stop token not printed).
+#[test]
+fn streamed_chat_reply_matches_the_reference() -> trit::Result<()> {
+    use trit_models::generate::{GenerateOptions, Sampling};
+    use trit_models::llm::Llm;
+    let llm = Llm::open(&common::model_file(GGUF), false)?;
+    let fx = common::fixture("smollm2-reference.json");
+    let chat = &fx["chat_greedy"];
+    let prompt = llm.chat_prompt(&[("user", chat["user"].as_str().expect("user"))])?;
+    assert_eq!(prompt, chat["prompt"].as_str().expect("prompt"));
+    let opts = GenerateOptions {
+        max_tokens: 64,
+        sampling: Sampling::default(),
+        ..GenerateOptions::default()
+    };
+    let mut printed = Vec::new();
+    let out = llm.stream(&prompt, &opts, &mut printed)?;
+    assert_eq!(
+        out.tokens,
+        ids(&chat["generated_ids"]),
+        "stops at <|im_end|>"
+    );
+    let want = chat["generated_text"].as_str().expect("text");
+    let want = want.strip_suffix("<|im_end|>").expect("ends at <|im_end|>");
+    assert_eq!(String::from_utf8(printed).expect("UTF-8"), want);
+    assert_eq!(out.text, want);
+    Ok(())
+}

@@ -182,6 +182,13 @@ impl Bpe {
     /// Text back from ids: byte-level tokens become their bytes (invalid UTF-8 is replaced by U+FFFD),
     /// special tokens their text unless `skip_special` drops the control ones.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        let bytes = self.decode_bytes(ids, skip_special)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The bytes of [`Bpe::decode`] before UTF-8 validation: a character can span tokens, so a
+    /// streaming printer holds back an incomplete tail until the next token completes it.
+    pub fn decode_bytes(&self, ids: &[u32], skip_special: bool) -> Result<Vec<u8>> {
         let mut bytes = Vec::new();
         for &id in ids {
             let token = self.token(id).ok_or_else(|| {
@@ -204,7 +211,7 @@ impl Bpe {
                 }
             }
         }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        Ok(bytes)
     }
 
     fn encode_plain(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
