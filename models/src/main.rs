@@ -21,6 +21,7 @@ Examples:
   trit inspect model.gguf                metadata and tensor table of a GGUF or safetensors file
   trit generate --model m.gguf --chat --prompt \"What is the capital of France?\" --temperature 0
   trit chat --model m.gguf --kv int8     multi-turn chat on stdin, int8 KV cache
+  trit perplexity --model m.gguf --file text.txt
 
 Run `trit <COMMAND> --help` for the flags of each command. With cargo, put them after `--`:
   cargo run --release -- demo --steps 100";
@@ -84,6 +85,18 @@ enum Command {
         /// A system message (otherwise the template's default, if it has one).
         #[arg(long)]
         system: Option<String>,
+    },
+    /// Perplexity of a GGUF model on a text file (lower is better).
+    Perplexity {
+        /// The GGUF model file.
+        #[arg(long, value_name = "FILE.gguf")]
+        model: PathBuf,
+        /// The text to score.
+        #[arg(long, value_name = "TEXT")]
+        file: PathBuf,
+        /// Tokens per window; each window is scored from scratch.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
     },
     /// Show what a model file holds: its metadata and a table of its tensors (name, type, shape,
     /// bytes). Reads GGUF and safetensors files, told apart by their first bytes.
@@ -234,6 +247,20 @@ fn run_generate(args: &LlmArgs, prompt: &str, chat: bool) -> trit::Result<()> {
         out.tokens.len(),
         out.seconds,
         out.tokens.len() as f64 / out.seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+fn run_perplexity(model: &std::path::Path, file: &std::path::Path, ctx: usize) -> trit::Result<()> {
+    let text = std::fs::read_to_string(file).map_err(|e| trit::Error::io(file, e))?;
+    let llm = trit_models::llm::Llm::open(model, true)?;
+    let started = std::time::Instant::now();
+    let (ppl, n) = llm.perplexity(&text, ctx)?;
+    println!("perplexity {ppl:.4} over {n} tokens (windows of {ctx})");
+    eprintln!(
+        "{:.1} s ({:.0} tokens/s)",
+        started.elapsed().as_secs_f64(),
+        n as f64 / started.elapsed().as_secs_f64()
     );
     Ok(())
 }
@@ -482,6 +509,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(cmd)) => run_bench(cmd),
         Some(Command::Generate { args, prompt, chat }) => run_generate(args, prompt, *chat),
         Some(Command::Chat { args, system }) => run_chat(args, system.as_deref()),
+        Some(Command::Perplexity { model, file, ctx }) => run_perplexity(model, file, *ctx),
         Some(Command::Inspect { file }) => {
             trit_models::inspect::inspect(file).map(|report| print!("{report}"))
         }

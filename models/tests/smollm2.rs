@@ -197,3 +197,24 @@ fn streamed_chat_reply_matches_the_reference() -> trit::Result<()> {
     assert_eq!(out.text, want);
     Ok(())
 }
+
+/// `trit perplexity` on the fixture passage (one window) gives the reference perplexity; a text too
+/// short to score is an error.
+#[test]
+fn perplexity_of_the_passage_matches_the_reference() -> trit::Result<()> {
+    use trit_models::llm::Llm;
+    let llm = Llm::open(&common::model_file(GGUF), false)?;
+    let fx = common::fixture("smollm2-reference.json");
+    let p = &fx["passage"];
+    let (ppl, n) = llm.perplexity(p["text"].as_str().expect("text"), 512)?;
+    assert_eq!(n, 51);
+    let want = p["perplexity"].as_f64().expect("perplexity");
+    assert!((ppl / want - 1.0).abs() < 1e-4, "{ppl} vs {want}");
+    // Two windows of 26 tokens score 25 + 25 tokens, the second half from less context: a higher
+    // perplexity.
+    let (short, n) = llm.perplexity(p["text"].as_str().expect("text"), 26)?;
+    assert_eq!(n, 50);
+    assert!(short > ppl, "{short} vs {ppl}");
+    assert!(llm.perplexity("Hi", 512).is_err());
+    Ok(())
+}
