@@ -663,18 +663,24 @@ pub fn backward(
     }
     drop(partials);
     // dQ = scale · dS · K (the copies of Q were scaled, K's were not); rotate dQ and dK back.
-    dq.par_chunks_mut(hd).enumerate().for_each(|(row, x)| {
-        let (b, i) = (row / (d.q_len * d.heads), row / d.heads % d.q_len);
-        let angles = p.query_angles(b, i);
-        let src = x.to_vec();
-        load_row(&src, x, angles, p.scale, -1.0);
-    });
+    // One scratch row per rayon job rather than an allocation per row.
+    dq.par_chunks_mut(hd).enumerate().for_each_init(
+        || vec![0f32; hd],
+        |src, (row, x)| {
+            let (b, i) = (row / (d.q_len * d.heads), row / d.heads % d.q_len);
+            src.copy_from_slice(x);
+            load_row(src, x, p.query_angles(b, i), p.scale, -1.0);
+        },
+    );
     if p.rotary.is_some() {
-        dk.par_chunks_mut(hd).enumerate().for_each(|(row, x)| {
-            let (b, t) = (row / (d.kv_len * d.kv_heads), row / d.kv_heads % d.kv_len);
-            let src = x.to_vec();
-            load_row(&src, x, p.angles(b, t), 1.0, -1.0);
-        });
+        dk.par_chunks_mut(hd).enumerate().for_each_init(
+            || vec![0f32; hd],
+            |src, (row, x)| {
+                let (b, t) = (row / (d.kv_len * d.kv_heads), row / d.kv_heads % d.kv_len);
+                src.copy_from_slice(x);
+                load_row(src, x, p.angles(b, t), 1.0, -1.0);
+            },
+        );
     }
     (dq, dk, dv)
 }
