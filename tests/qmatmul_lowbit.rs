@@ -139,6 +139,7 @@ fn check_mode(w: &QTensor, x: &[f32], m: usize, act: ActMode) -> Result<(), Test
         ActMode::F32 => x.to_vec(),
         ActMode::Int8 => Int8Acts::quantize(x, m, cols).dequantize(),
         ActMode::Binary => BinaryActs::binarize(x, m, cols).dequantize(),
+        ActMode::Int8Blocks => unreachable!("no ternary or binary tile layout"),
     };
     let (want, mag) = reference(w, &xhat, m);
     for &isa in QIsa::available() {

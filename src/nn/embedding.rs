@@ -1,14 +1,23 @@
 //! Token embedding: a [vocab, dim] table looked up by integer ids. The same table can serve as the output
-//! projection when a model ties its embeddings.
+//! projection when a model ties its embeddings. The table is a dense parameter or a frozen packed
+//! [`QTensor`] (see [`ParamStore::insert_packed`]), whose rows are dequantized as they are looked up.
 
-use super::params::{Init, ParamStore};
+use super::linear::packed_forward;
+use super::params::{Init, PackedParam, ParamStore};
 use crate::error::{Error, Result};
+use crate::quant::QTensor;
 use crate::tensor::Tensor;
+
+#[derive(Clone, Debug)]
+enum Table {
+    Dense(Tensor),
+    Packed(PackedParam),
+}
 
 /// A lookup table. Parameter: `weight` [vocab, dim].
 #[derive(Clone, Debug)]
 pub struct Embedding {
-    weight: Tensor,
+    weight: Table,
 }
 
 impl Embedding {
@@ -24,26 +33,58 @@ impl Embedding {
                 "vocab and dim must be positive, got {vocab} and {dim}"
             );
         }
-        Ok(Embedding {
-            weight: params.get_or_init("weight", (vocab, dim), init)?,
-        })
+        let weight = match params.packed("weight") {
+            Some(p) if [p.weights.rows(), p.weights.cols()] != [vocab, dim] => {
+                return Err(Error::ShapeMismatch {
+                    op: "Embedding::new (packed table)",
+                    lhs: vec![p.weights.rows(), p.weights.cols()],
+                    rhs: vec![vocab, dim],
+                })
+            }
+            Some(p) => Table::Packed(p),
+            None => Table::Dense(params.get_or_init("weight", (vocab, dim), init)?),
+        };
+        Ok(Embedding { weight })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The dense table [vocab, dim]; `None` for a packed one.
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Table::Dense(w) => Some(w),
+            Table::Packed(_) => None,
+        }
+    }
+
+    /// The packed table; `None` for a dense one.
+    pub fn packed(&self) -> Option<&QTensor> {
+        match &self.weight {
+            Table::Dense(_) => None,
+            Table::Packed(p) => Some(&p.weights),
+        }
+    }
+
+    /// [vocab, dim].
+    fn dims(&self) -> [usize; 2] {
+        match &self.weight {
+            Table::Dense(w) => [w.dims()[0], w.dims()[1]],
+            Table::Packed(p) => [p.weights.rows(), p.weights.cols()],
+        }
     }
 
     pub fn vocab(&self) -> usize {
-        self.weight.dims()[0]
+        self.dims()[0]
     }
 
     pub fn dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.dims()[1]
     }
 
     /// `ids [...]` (integers in 0..vocab) -> `[..., dim]`; an out-of-range id is an error.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        self.weight.embedding(ids)
+        match &self.weight {
+            Table::Dense(w) => w.embedding(ids),
+            Table::Packed(p) => p.weights.gather_rows(ids),
+        }
     }
 
     /// The tied output projection `x [..., dim] -> logits [..., vocab]` = x·Wᵀ.
@@ -55,11 +96,15 @@ impl Embedding {
             return Err(Error::ShapeMismatch {
                 op: "Embedding::unembed",
                 lhs: x.dims().to_vec(),
-                rhs: self.weight.dims().to_vec(),
+                rhs: self.dims().to_vec(),
             });
         }
         let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, d))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, d))?;
+        let y = match &self.weight {
+            Table::Dense(w) => x2.matmul(&w.t()?)?,
+            Table::Packed(p) => packed_forward("Embedding::unembed", p, &x2)?,
+        };
         y.reshape([lead, &[self.vocab()]].concat())
     }
 }
@@ -98,7 +143,7 @@ mod tests {
         let ids = Tensor::from_vec(vec![1i32, 1, 3], 3, Device::Cpu)?;
         let g = emb.forward(&ids)?.sum_all()?.backward()?;
         assert_eq!(
-            g.get(emb.weight()).unwrap().to_vec_f32(),
+            g.get(emb.weight().unwrap()).unwrap().to_vec_f32(),
             vec![0., 0., 2., 2., 0., 0., 1., 1.]
         );
         Ok(())

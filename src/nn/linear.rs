@@ -1,15 +1,40 @@
 //! Fully connected layer: y = x·Wᵀ + b with W stored [out, in] as PyTorch does, so checkpoints from other
-//! frameworks load without transposing.
+//! frameworks load without transposing. The weight is either a dense parameter or a frozen packed
+//! [`QTensor`] (see [`ParamStore::insert_packed`]), which runs the packed low-bit kernels.
 
-use super::params::{Init, ParamStore};
+use std::sync::Arc;
+
+use super::params::{Init, PackedParam, ParamStore};
+use crate::cpu::qmatmul::ActMode;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::quant::QTensor;
+use crate::tensor::{grad_enabled, Tensor};
+
+#[derive(Clone, Debug)]
+enum Weight {
+    Dense(Tensor),
+    Packed(PackedParam),
+}
 
 /// A linear map with an optional bias. Parameters: `weight` [out, in] and, with a bias, `bias` [out].
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// y = x·Ŵᵀ through the packed kernels for `x` [rows, in], activations in `p.act` form. An inference
+/// path: an `x` that carries gradients is an error rather than a silently cut graph.
+pub(crate) fn packed_forward(op: &'static str, p: &PackedParam, x: &Tensor) -> Result<Tensor> {
+    if grad_enabled() && x.tracks_grad() {
+        crate::bail!(
+            op,
+            "packed {:?} weights are frozen and pass no gradient; run under trit::no_grad(), or load \
+             the weights dense to train",
+            p.weights.format()
+        );
+    }
+    p.weights.matmul(x, p.act)
 }
 
 impl Linear {
@@ -41,7 +66,17 @@ impl Linear {
                 "dimensions must be positive, got in {in_dim}, out {out_dim}"
             );
         }
-        let weight = params.get_or_init("weight", (out_dim, in_dim), weight_init)?;
+        let weight = match params.packed("weight") {
+            Some(p) if [p.weights.rows(), p.weights.cols()] != [out_dim, in_dim] => {
+                return Err(Error::ShapeMismatch {
+                    op: "Linear::new (packed weight)",
+                    lhs: vec![p.weights.rows(), p.weights.cols()],
+                    rhs: vec![out_dim, in_dim],
+                })
+            }
+            Some(p) => Weight::Packed(p),
+            None => Weight::Dense(params.get_or_init("weight", (out_dim, in_dim), weight_init)?),
+        };
         let bias = if bias {
             Some(params.get_or_init("bias", out_dim, bias_init)?)
         } else {
@@ -68,23 +103,64 @@ impl Linear {
                 });
             }
         }
+        Ok(Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        })
+    }
+
+    /// A layer over a packed weight [out, in] (frozen; see [`PackedParam`]) and an optional bias [out].
+    pub fn from_packed(weights: QTensor, act: ActMode, bias: Option<Tensor>) -> Result<Self> {
+        if let Some(b) = &bias {
+            if b.dims() != [weights.rows()] {
+                return Err(Error::ShapeMismatch {
+                    op: "Linear::from_packed",
+                    lhs: vec![weights.rows(), weights.cols()],
+                    rhs: b.dims().to_vec(),
+                });
+            }
+        }
+        let weight = Weight::Packed(PackedParam {
+            weights: Arc::new(weights),
+            act,
+        });
         Ok(Linear { weight, bias })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The dense weight [out, in]; `None` for a packed layer.
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Packed(_) => None,
+        }
+    }
+
+    /// The packed weight; `None` for a dense layer.
+    pub fn packed(&self) -> Option<&QTensor> {
+        match &self.weight {
+            Weight::Dense(_) => None,
+            Weight::Packed(p) => Some(&p.weights),
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
+    /// [out, in].
+    fn dims(&self) -> [usize; 2] {
+        match &self.weight {
+            Weight::Dense(w) => [w.dims()[0], w.dims()[1]],
+            Weight::Packed(p) => [p.weights.rows(), p.weights.cols()],
+        }
+    }
+
     pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.dims()[1]
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.dims()[0]
     }
 
     /// `x [..., in] -> [..., out]`.
@@ -96,13 +172,17 @@ impl Linear {
             return Err(Error::ShapeMismatch {
                 op: "Linear::forward",
                 lhs: x.dims().to_vec(),
-                rhs: self.weight.dims().to_vec(),
+                rhs: self.dims().to_vec(),
             });
         }
         // One [rows, in] × [in, out] GEMM over all leading dims keeps the kernel's blocks full; Wᵀ is a
         // strided view, never a copy.
         let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = match &self.weight {
+            Weight::Dense(w) => x2.matmul(&w.t()?)?,
+            Weight::Packed(p) => packed_forward("Linear::forward", p, &x2)?,
+        };
         let y = match &self.bias {
             Some(b) => y.add(b)?,
             None => y,
@@ -141,7 +221,7 @@ mod tests {
         assert_eq!(y.dims(), [2, 4, 3]);
         let want = naive(
             &x.to_vec_f32(),
-            &lin.weight().to_vec_f32(),
+            &lin.weight().unwrap().to_vec_f32(),
             Some(&lin.bias().unwrap().to_vec_f32()),
             8,
             5,

@@ -20,5 +20,5 @@ pub use linear::Linear;
 pub use mlp::{GeluMlp, Mlp, MlpConfig, MlpKind, SwiGluMlp};
 pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
 pub use packing::{pack, PackedBatch, IGNORE_INDEX};
-pub use params::{Init, ParamStore};
+pub use params::{Init, PackedParam, ParamStore};
 pub use quant_linear::{ActQuant, QuantLinear, QuantLinearConfig};

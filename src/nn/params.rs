@@ -1,8 +1,14 @@
 //! A named store of trainable parameters: models create their weights through it, optimizers and
 //! checkpoints walk it by name.
+//!
+//! It also holds frozen *packed* weights ([`QTensor`]s, e.g. a GGUF file's Q4_1 blocks): a layer built
+//! over a name that has a packed weight runs the packed kernels instead of creating a dense parameter.
+//! Packed weights are not trained, so [`ParamStore::all`] and checkpoints do not list them.
 
+use crate::cpu::qmatmul::ActMode;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::quant::QTensor;
 use crate::rng::Rng;
 use crate::shape::Shape;
 use crate::storage::Device;
@@ -24,8 +30,17 @@ pub enum Init {
     LinearDefault,
 }
 
+/// A frozen packed weight and the form its layer feeds activations in.
+#[derive(Clone, Debug)]
+pub struct PackedParam {
+    pub weights: Arc<QTensor>,
+    /// The form activations enter the packed product in.
+    pub act: ActMode,
+}
+
 struct Inner {
     vars: BTreeMap<String, Tensor>,
+    packed: BTreeMap<String, PackedParam>,
     rng: Rng,
     device: Device,
     dtype: DType,
@@ -44,6 +59,7 @@ impl ParamStore {
         ParamStore {
             inner: Arc::new(Mutex::new(Inner {
                 vars: BTreeMap::new(),
+                packed: BTreeMap::new(),
                 rng: Rng::new(seed),
                 device,
                 dtype,
@@ -131,6 +147,29 @@ impl ParamStore {
         };
         self.lock().vars.insert(self.full_name(name), t.clone());
         Ok(t)
+    }
+
+    /// Inserts (or replaces) a frozen packed weight under `name`; `act` as in [`PackedParam`].
+    pub fn insert_packed(&self, name: &str, weights: QTensor, act: ActMode) {
+        let p = PackedParam {
+            weights: Arc::new(weights),
+            act,
+        };
+        self.lock().packed.insert(self.full_name(name), p);
+    }
+
+    /// The packed weight under `name`, if one was inserted.
+    pub fn packed(&self, name: &str) -> Option<PackedParam> {
+        self.lock().packed.get(&self.full_name(name)).cloned()
+    }
+
+    /// Every packed weight of the whole store, sorted by name.
+    pub fn all_packed(&self) -> Vec<(String, PackedParam)> {
+        self.lock()
+            .packed
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Option<Tensor> {

@@ -21,6 +21,9 @@
 //! t₀..t₄ (t = code + 1) stores ⌈(Σ tₙ·3^(4−n))·256/243⌉, so digit n decodes as ((q·3ⁿ mod 256)·3) >> 8
 //! without a division.
 
+use std::sync::{Arc, OnceLock};
+
+use crate::cpu::qmatmul::interleaved::{self, Interleaved};
 use crate::cpu::qmatmul::{qmatmul, ActMode, PackedWeights, QIsa};
 use crate::error::{Error, Result};
 use crate::storage::Device;
@@ -158,6 +161,8 @@ pub struct QTensor {
     scales: Vec<f32>,
     mins: Vec<f32>,
     code_sums: Vec<i32>,
+    /// The tile layout of `ActMode::Int8Blocks`, made on its first use.
+    tiles: OnceLock<Arc<Interleaved>>,
 }
 
 impl QTensor {
@@ -241,6 +246,7 @@ impl QTensor {
             scales: scales.to_vec(),
             mins,
             code_sums,
+            tiles: OnceLock::new(),
         })
     }
 
@@ -329,6 +335,7 @@ impl QTensor {
             scales,
             mins,
             code_sums: Vec::new(),
+            tiles: OnceLock::new(),
         };
         // Unpacking validates every code (a 2-bit 3 or an int8 −128 is corrupt); packing again rewrites
         // the row padding to its canonical zero-weight form, which the kernels rely on (XNOR-popcount
@@ -437,16 +444,49 @@ impl QTensor {
                 self.format
             );
         }
+        if act == ActMode::Int8Blocks && !Interleaved::supports(self.format) {
+            crate::bail!(
+                "QTensor::matmul",
+                "int8 block activations need int4 or int8 weights in groups of 32, not {:?}",
+                self.format
+            );
+        }
         if !QIsa::available().contains(&isa) {
             crate::bail!("QTensor::matmul", "this CPU cannot run {isa:?}");
         }
         x.device().check()?;
         let m: usize = lead.iter().product();
         let mut out = vec![0f32; m * self.rows];
-        x.with_f32_slice(|xs| qmatmul(&self.packed(), xs, m, act, &mut out, isa));
+        match act {
+            ActMode::Int8Blocks => {
+                let tiles = self.tiles();
+                x.with_f32_slice(|xs| interleaved::matmul(&tiles, xs, m, &mut out, isa));
+            }
+            _ => x.with_f32_slice(|xs| qmatmul(&self.packed(), xs, m, act, &mut out, isa)),
+        }
         let mut dims = lead.to_vec();
         dims.push(self.rows);
         Tensor::from_vec(out, dims, x.device())
+    }
+
+    /// The weights in the tile layout of `ActMode::Int8Blocks` (made once, then shared).
+    ///
+    /// # Panics
+    /// If the format has no tile layout (see [`Interleaved::supports`]).
+    fn tiles(&self) -> Arc<Interleaved> {
+        self.tiles
+            .get_or_init(|| {
+                Arc::new(Interleaved::new(&self.packed()).expect("the caller checked the format"))
+            })
+            .clone()
+    }
+
+    /// Makes the tile layout that `ActMode::Int8Blocks` runs on now rather than on the first product
+    /// (when loading a model). A no-op for formats without one.
+    pub fn prepare_int8_blocks(&self) {
+        if Interleaved::supports(self.format) {
+            self.tiles();
+        }
     }
 
     /// The logical codes, row-major `rows · cols`.
@@ -491,6 +531,33 @@ impl QTensor {
     /// The dequantized weights as an f32 tensor [rows, cols].
     pub fn to_tensor(&self, device: Device) -> Result<Tensor> {
         Tensor::from_vec(self.dequantize(), (self.rows, self.cols), device)
+    }
+
+    /// Rows `ids` (integers in 0..rows, any shape) dequantized to f32: [ids.., cols]. An embedding
+    /// lookup in a packed table, which touches only the rows it returns.
+    pub fn gather_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        if ids.dtype().is_float() {
+            return Err(Error::UnsupportedDType {
+                op: "QTensor::gather_rows",
+                dtype: ids.dtype(),
+            });
+        }
+        ids.device().check()?;
+        let idx = ids.to_vec_i64();
+        let mut out = vec![0f32; idx.len() * self.cols];
+        for (&i, o) in idx.iter().zip(out.chunks_mut(self.cols.max(1))) {
+            let r = usize::try_from(i).ok().filter(|&r| r < self.rows).ok_or(
+                Error::IndexOutOfRange {
+                    op: "QTensor::gather_rows",
+                    index: i,
+                    size: self.rows,
+                },
+            )?;
+            crate::cpu::qmatmul::dequantize_rows(&self.packed(), r..r + 1, o);
+        }
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.cols);
+        Tensor::from_vec(out, dims, ids.device())
     }
 }
 

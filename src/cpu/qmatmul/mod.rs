@@ -14,6 +14,7 @@
 pub mod binary;
 pub mod int4;
 pub mod int8;
+pub mod interleaved;
 pub mod ternary;
 
 use std::sync::OnceLock;
@@ -79,6 +80,11 @@ pub enum ActMode {
     Int8,
     /// Per-token binary: x̂ = β·sign(x), β = mean|x|, sign(0) = +1. Binary weights only (XNOR-popcount).
     Binary,
+    /// Int8 with one scale per block of 32 columns (s = max|x|/127 of the block), the form GGUF runtimes
+    /// give activations against Q4_0/Q4_1/Q8_0 weights: per-token int8 loses too much to outlier
+    /// channels on real models. Int4 and int8 weights in groups of 32 only, through the tile layout of
+    /// [`interleaved`].
+    Int8Blocks,
 }
 
 /// A packed weight matrix as the kernels see it (the slices of a `QTensor`).
@@ -288,9 +294,13 @@ const PANEL_ROWS: usize = 64;
 
 /// y[m, rows] = x̂ · Ŵᵀ with x̂ the `act` form of `x` (`m · cols`, row-major) and Ŵ the dequantized weights.
 ///
+/// `ActMode::Int8Blocks` repacks the weights into the tile layout on every call; `QTensor::matmul`
+/// keeps the repacked form.
+///
 /// # Panics
-/// On slices too short for the shapes, an `isa` this CPU lacks, or `ActMode::Binary` with non-binary
-/// weights: the caller (`QTensor::matmul`) validates all three.
+/// On slices too short for the shapes, an `isa` this CPU lacks, `ActMode::Binary` with non-binary
+/// weights, or `ActMode::Int8Blocks` with weights other than int4/int8 in groups of 32: the caller
+/// (`QTensor::matmul`) validates all four.
 pub fn qmatmul(w: &PackedWeights, x: &[f32], m: usize, act: ActMode, out: &mut [f32], isa: QIsa) {
     assert!(
         QIsa::available().contains(&isa),
@@ -312,6 +322,12 @@ pub fn qmatmul(w: &PackedWeights, x: &[f32], m: usize, act: ActMode, out: &mut [
         }),
         ActMode::Int8 => int8_acts(w, &Int8Acts::quantize(x, m, w.cols), out, isa),
         ActMode::Binary => binary_acts(w, &BinaryActs::binarize(x, m, w.cols), out, isa),
+        ActMode::Int8Blocks => {
+            let il = interleaved::Interleaved::new(w).expect(
+                "qmatmul: int8 block activations need int4 or int8 weights in groups of 32",
+            );
+            interleaved::matmul(&il, x, m, out, isa)
+        }
     }
 }
 
@@ -370,9 +386,15 @@ fn by_row_chunks(
     if rows == 0 || m == 0 {
         return;
     }
-    // Enough chunks for load balance across threads, each large enough to amortise the task.
+    // Enough chunks for load balance across threads, each large enough to amortise the task. One
+    // token's product is only microseconds of work, so there each thread gets two chunks: more tasks
+    // cost more in scheduling than they recover in balance.
     let threads = rayon::current_num_threads().max(1);
-    let chunk = rows.div_ceil(threads * 8).clamp(16, 1024).min(rows);
+    let per_thread = if m == 1 { 2 } else { 8 };
+    let chunk = rows
+        .div_ceil(threads * per_thread)
+        .clamp(16, 1024)
+        .min(rows);
     if m == 1 {
         out[..rows]
             .par_chunks_mut(chunk)

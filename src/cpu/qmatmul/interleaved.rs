@@ -1,0 +1,478 @@
+//! Group-32 int4 and int8 weights (GGUF's Q4_0, Q4_1 and Q8_0) repacked for decoding, multiplied by
+//! int8 activations with one scale per block of 32 ([`ActMode::Int8Blocks`](super::ActMode), the form
+//! llama.cpp gives activations against these weights).
+//!
+//! # Layout
+//! Rows go in tiles of [`TILE_ROWS`] = 16; a tile stores, for each group of 32 columns in order, the
+//! group's codes for its 16 rows, then the 16 rows' f32 scales, then (asymmetric int4) their 16 mins.
+//! The codes of one group are 8 *quads* of 4 columns; quad j is 64 bytes with byte 4r + b = row r,
+//! column 4j + b, so one `vpdpbusd` against the token's 4 activations of quad j broadcast to every lane
+//! adds 4 products to each of the 16 rows' lanes. Every lane is one row: no horizontal sums, and a
+//! group's scales apply as one 16-wide vector.
+//! - int4: quads 2p and 2p + 1 share 64 bytes, 2p in the low nibbles and 2p + 1 in the high ones
+//!   (256 bytes per group). Nibbles are stored as the unsigned u of the source format: w = s·(u − 8)
+//!   for symmetric int4, w = s·u + min for asymmetric int4.
+//! - int8: code c is stored as c + 128 (512 bytes per group), an unsigned byte as `vpdpbusd` wants
+//!   its first operand; the activations are the signed operand.
+//!
+//! # Arithmetic
+//! With activations x̂ = s_g·q (q in −127..127 per block g of 32), a row's product is
+//! Σ_g d_g·s_g·(Σ u·q − f·Σq) + min_g·s_g·Σq, where f = 8 (symmetric int4), 128 (int8) or 0
+//! (asymmetric int4). Σ u·q is exact in i32 (|u·q| ≤ 255·127, 32 terms). Rows past the matrix are
+//! zero-scale padding; columns past it have zero activations, so their codes never count.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::{PackedWeights, QIsa};
+use crate::quant::format::{Group, QFormat};
+
+/// Rows per tile: one 512-bit vector of i32 or f32 lanes.
+pub const TILE_ROWS: usize = 16;
+/// Columns per group of weights and per block of activations.
+pub const GROUP: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Int4Sym,
+    Int4Asym,
+    Int8,
+}
+
+impl Kind {
+    fn code_bytes(self) -> usize {
+        match self {
+            Kind::Int4Sym | Kind::Int4Asym => GROUP * TILE_ROWS / 2,
+            Kind::Int8 => GROUP * TILE_ROWS,
+        }
+    }
+
+    /// The f of the module docs: what the stored unsigned code exceeds the signed one by.
+    fn bias(self) -> i32 {
+        match self {
+            Kind::Int4Sym => 8,
+            Kind::Int4Asym => 0,
+            Kind::Int8 => 128,
+        }
+    }
+
+    fn group_bytes(self) -> usize {
+        let vectors = if self == Kind::Int4Asym { 2 } else { 1 };
+        self.code_bytes() + vectors * TILE_ROWS * 4
+    }
+}
+
+/// A weight matrix in the tile layout of the module docs.
+#[derive(Clone, Debug)]
+pub struct Interleaved {
+    kind: Kind,
+    rows: usize,
+    cols: usize,
+    groups: usize,
+    tiles: usize,
+    data: Vec<u8>,
+}
+
+impl Interleaved {
+    /// Whether `format` has a tile layout: int4 or int8 in groups of 32.
+    pub fn supports(format: QFormat) -> bool {
+        Interleaved::kind(format).is_some()
+    }
+
+    fn kind(format: QFormat) -> Option<Kind> {
+        match format {
+            QFormat::Int4 {
+                group: Group::Size(GROUP),
+                asym,
+            } => Some(if asym { Kind::Int4Asym } else { Kind::Int4Sym }),
+            QFormat::Int8 {
+                group: Group::Size(GROUP),
+            } => Some(Kind::Int8),
+            _ => None,
+        }
+    }
+
+    /// The tile layout of `w`; `None` for a format without one (see [`Interleaved::supports`]).
+    pub fn new(w: &PackedWeights) -> Option<Interleaved> {
+        let kind = Interleaved::kind(w.format)?;
+        let groups = w.cols.div_ceil(GROUP);
+        let tiles = w.rows.div_ceil(TILE_ROWS);
+        let (cb, gb) = (kind.code_bytes(), kind.group_bytes());
+        let mut data = vec![0u8; tiles * groups * gb];
+        let mut u = vec![0u8; groups * GROUP];
+        for r in 0..w.rows {
+            stored_codes(w, r, kind, &mut u);
+            let (tile, lane) = (r / TILE_ROWS, r % TILE_ROWS);
+            for g in 0..groups {
+                let blk = &mut data[(tile * groups + g) * gb..][..gb];
+                for (k, &c) in u[g * GROUP..(g + 1) * GROUP].iter().enumerate() {
+                    let (quad, b) = (k / 4, k % 4);
+                    match kind {
+                        Kind::Int8 => blk[quad * 64 + 4 * lane + b] = c,
+                        _ => blk[(quad / 2) * 64 + 4 * lane + b] |= c << (4 * (quad % 2)),
+                    }
+                }
+                let gi = r * w.groups_per_row() + g;
+                let put = |blk: &mut [u8], at: usize, v: f32| {
+                    blk[at + 4 * lane..at + 4 * lane + 4].copy_from_slice(&v.to_le_bytes())
+                };
+                put(blk, cb, w.scales[gi]);
+                if kind == Kind::Int4Asym {
+                    put(blk, cb + 64, w.mins[gi]);
+                }
+            }
+        }
+        Some(Interleaved {
+            kind,
+            rows: w.rows,
+            cols: w.cols,
+            groups,
+            tiles,
+            data,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of the repacked weights.
+    pub fn byte_size(&self) -> usize {
+        self.data.len()
+    }
+
+    fn tile(&self, t: usize) -> &[u8] {
+        let tb = self.groups * self.kind.group_bytes();
+        &self.data[t * tb..(t + 1) * tb]
+    }
+}
+
+/// Row `r`'s codes as the layout stores them (unsigned u for int4, c + 128 for int8), zero-weight
+/// codes past `cols`.
+fn stored_codes(w: &PackedWeights, r: usize, kind: Kind, out: &mut [u8]) {
+    let row = w.row(r);
+    let pad = if kind == Kind::Int4Sym { 8 } else { 0 };
+    out.fill(if kind == Kind::Int8 { 128 } else { pad });
+    match kind {
+        Kind::Int8 => {
+            for (o, &b) in out.iter_mut().zip(row).take(w.cols) {
+                *o = b ^ 0x80;
+            }
+        }
+        _ => {
+            for (blk, o) in row.chunks_exact(64).zip(out.chunks_mut(128)) {
+                for (i, &b) in blk.iter().enumerate() {
+                    if let Some(v) = o.get_mut(i) {
+                        *v = b & 0x0F;
+                    }
+                    if let Some(v) = o.get_mut(64 + i) {
+                        *v = b >> 4;
+                    }
+                }
+            }
+            out[w.cols..].fill(pad);
+        }
+    }
+}
+
+/// Activations quantized per block of [`GROUP`]: token i's block g is `scales[i·groups + g]` ·
+/// `q[(i·groups + g)·32..][..32]`, zero past `cols`; `sums` holds each block's Σq.
+#[derive(Clone, Debug)]
+pub struct BlockActs {
+    pub m: usize,
+    pub cols: usize,
+    pub groups: usize,
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub sums: Vec<i32>,
+}
+
+impl BlockActs {
+    /// s = max|x|/127 per block, q = round(x/s) (half away from zero); an all-zero block has s = 0.
+    pub fn quantize(x: &[f32], m: usize, cols: usize) -> BlockActs {
+        let groups = cols.div_ceil(GROUP);
+        let mut q = vec![0i8; m * groups * GROUP];
+        let mut scales = vec![0f32; m * groups];
+        let mut sums = vec![0i32; m * groups];
+        for (i, row) in x.chunks(cols.max(1)).take(m).enumerate() {
+            for (g, xs) in row.chunks(GROUP).enumerate() {
+                let b = i * groups + g;
+                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                if amax > 0.0 {
+                    let inv = 127.0 / amax;
+                    let qs = &mut q[b * GROUP..b * GROUP + xs.len()];
+                    for (q, &v) in qs.iter_mut().zip(xs) {
+                        *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    }
+                    scales[b] = amax / 127.0;
+                    sums[b] = qs.iter().map(|&v| i32::from(v)).sum();
+                }
+            }
+        }
+        BlockActs {
+            m,
+            cols,
+            groups,
+            q,
+            scales,
+            sums,
+        }
+    }
+
+    /// The values the kernels multiply, `m · cols`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.m * self.cols);
+        for i in 0..self.m {
+            for k in 0..self.cols {
+                let b = i * self.groups + k / GROUP;
+                out.push(self.scales[b] * f32::from(self.q[b * GROUP + k % GROUP]));
+            }
+        }
+        out
+    }
+}
+
+/// Tokens whose products one pass over a tile computes (each weight vector, once unpacked, serves all).
+const TB: usize = 4;
+
+/// y[m, rows] = x̂ · Ŵᵀ with x̂ the per-block int8 form of `x` (`m · cols`, row-major).
+///
+/// # Panics
+/// If `x` or `out` is too short for the shapes or this CPU lacks `isa`.
+pub fn matmul(w: &Interleaved, x: &[f32], m: usize, out: &mut [f32], isa: QIsa) {
+    assert!(QIsa::available().contains(&isa));
+    assert!(x.len() >= m * w.cols && out.len() >= m * w.rows);
+    if m == 0 || w.rows == 0 {
+        return;
+    }
+    let acts = BlockActs::quantize(x, m, w.cols);
+    // Two tasks per thread for one token (microseconds of work: scheduling more costs more than the
+    // balance gains), eight for more.
+    let threads = rayon::current_num_threads().max(1);
+    let per_thread = if m == 1 { 2 } else { 8 };
+    let chunk = w.tiles.div_ceil(threads * per_thread).max(1);
+    if m == 1 {
+        out[..w.rows]
+            .par_chunks_mut(chunk * TILE_ROWS)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let ld = o.len();
+                run_tiles(w, &acts, c * chunk..(c + 1) * chunk, o, ld, isa);
+            });
+        return;
+    }
+    let tasks = w.tiles.div_ceil(chunk);
+    let parts: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|c| {
+            let tiles = c * chunk..((c + 1) * chunk).min(w.tiles);
+            let n = (tiles.end * TILE_ROWS).min(w.rows) - tiles.start * TILE_ROWS;
+            let mut part = vec![0f32; m * n];
+            run_tiles(w, &acts, tiles, &mut part, n, isa);
+            part
+        })
+        .collect();
+    for (c, part) in parts.iter().enumerate() {
+        let r0 = c * chunk * TILE_ROWS;
+        let n = part.len() / m;
+        for (i, y) in part.chunks_exact(n).enumerate() {
+            out[i * w.rows + r0..i * w.rows + r0 + n].copy_from_slice(y);
+        }
+    }
+}
+
+/// Rows of tiles `tiles` for every token: y[i, r] into `out[i·ld + r − first row]`.
+fn run_tiles(
+    w: &Interleaved,
+    acts: &BlockActs,
+    tiles: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+    isa: QIsa,
+) {
+    let r0 = tiles.start * TILE_ROWS;
+    for t in tiles.start..tiles.end.min(w.tiles) {
+        let valid = (w.rows - t * TILE_ROWS).min(TILE_ROWS);
+        for i0 in (0..acts.m).step_by(TB) {
+            let n = TB.min(acts.m - i0);
+            let mut y = [[0f32; TILE_ROWS]; TB];
+            tile(w, t, acts, i0..i0 + n, &mut y, isa);
+            for (k, yk) in y[..n].iter().enumerate() {
+                let at = (i0 + k) * ld + t * TILE_ROWS - r0;
+                out[at..at + valid].copy_from_slice(&yk[..valid]);
+            }
+        }
+    }
+}
+
+/// The 16 rows of tile `t` for tokens `toks` (at most [`TB`]) into `y[token − toks.start]`.
+fn tile(
+    w: &Interleaved,
+    t: usize,
+    acts: &BlockActs,
+    toks: Range<usize>,
+    y: &mut [[f32; TILE_ROWS]; TB],
+    isa: QIsa,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul` asserted that `isa` is available, and Avx512Vnni is listed only where
+        // AVX-512 F/BW/VL and VNNI were detected.
+        QIsa::Avx512Vnni => unsafe {
+            match (w.kind, toks.len()) {
+                (Kind::Int8, 1) => x86::tile::<false, false, 1>(w, t, acts, toks.start, y),
+                (Kind::Int8, 2) => x86::tile::<false, false, 2>(w, t, acts, toks.start, y),
+                (Kind::Int8, 3) => x86::tile::<false, false, 3>(w, t, acts, toks.start, y),
+                (Kind::Int8, _) => x86::tile::<false, false, TB>(w, t, acts, toks.start, y),
+                (Kind::Int4Sym, 1) => x86::tile::<true, false, 1>(w, t, acts, toks.start, y),
+                (Kind::Int4Sym, 2) => x86::tile::<true, false, 2>(w, t, acts, toks.start, y),
+                (Kind::Int4Sym, 3) => x86::tile::<true, false, 3>(w, t, acts, toks.start, y),
+                (Kind::Int4Sym, _) => x86::tile::<true, false, TB>(w, t, acts, toks.start, y),
+                (Kind::Int4Asym, 1) => x86::tile::<true, true, 1>(w, t, acts, toks.start, y),
+                (Kind::Int4Asym, 2) => x86::tile::<true, true, 2>(w, t, acts, toks.start, y),
+                (Kind::Int4Asym, 3) => x86::tile::<true, true, 3>(w, t, acts, toks.start, y),
+                (Kind::Int4Asym, _) => x86::tile::<true, true, TB>(w, t, acts, toks.start, y),
+            }
+        },
+        _ => portable_tile(w, t, acts, toks, y),
+    }
+}
+
+/// The stored code of tile-row `lane`, column `k` of a group's code bytes.
+fn code_at(kind: Kind, codes: &[u8], lane: usize, k: usize) -> u8 {
+    let (quad, b) = (k / 4, k % 4);
+    match kind {
+        Kind::Int8 => codes[quad * 64 + 4 * lane + b],
+        _ => (codes[(quad / 2) * 64 + 4 * lane + b] >> (4 * (quad % 2))) & 0x0F,
+    }
+}
+
+/// f32 lane `lane` of the 16-float vector at byte `at` of a group.
+fn lane_f32(blk: &[u8], at: usize, lane: usize) -> f32 {
+    let b = &blk[at + 4 * lane..at + 4 * lane + 4];
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn portable_tile(
+    w: &Interleaved,
+    t: usize,
+    acts: &BlockActs,
+    toks: Range<usize>,
+    y: &mut [[f32; TILE_ROWS]; TB],
+) {
+    let (kind, gb, cb) = (w.kind, w.kind.group_bytes(), w.kind.code_bytes());
+    let data = w.tile(t);
+    for (k, i) in toks.enumerate() {
+        for (lane, y) in y[k].iter_mut().enumerate() {
+            let (mut acc, mut accm) = (0f32, 0f32);
+            for (g, blk) in data.chunks_exact(gb).enumerate() {
+                let b = i * acts.groups + g;
+                let q = &acts.q[b * GROUP..(b + 1) * GROUP];
+                let dot: i32 = q
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &q)| i32::from(code_at(kind, blk, lane, c)) * i32::from(q))
+                    .sum();
+                let s = acts.scales[b];
+                let isum = dot - kind.bias() * acts.sums[b];
+                acc += isum as f32 * (lane_f32(blk, cb, lane) * s);
+                if kind == Kind::Int4Asym {
+                    accm += lane_f32(blk, cb + 64, lane) * (s * acts.sums[b] as f32);
+                }
+            }
+            *y = acc + accm;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{BlockActs, Interleaved, GROUP, TB, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    /// [`super::portable_tile`] with AVX-512 VNNI for tokens `i0..i0 + T`: `INT4` selects nibble
+    /// codes, `ASYM` the min term of asymmetric int4.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile<const INT4: bool, const ASYM: bool, const T: usize>(
+        w: &Interleaved,
+        t: usize,
+        acts: &BlockActs,
+        i0: usize,
+        y: &mut [[f32; TILE_ROWS]; TB],
+    ) {
+        let (gb, cb, bias) = (w.kind.group_bytes(), w.kind.code_bytes(), w.kind.bias());
+        let data = w.tile(t);
+        assert!(data.len() == w.groups * gb && i0 + T <= acts.m && T <= TB);
+        assert!(acts.groups == w.groups && acts.q.len() == acts.m * acts.groups * GROUP);
+        let nib = _mm512_set1_epi8(0x0F);
+        let mut accf = [_mm512_setzero_ps(); T];
+        let mut accm = [_mm512_setzero_ps(); T];
+        for (g, blk) in data.chunks_exact(gb).enumerate() {
+            let p = blk.as_ptr();
+            let mut wv = [_mm512_setzero_si512(); 8];
+            if INT4 {
+                for h in 0..4 {
+                    // SAFETY: a group holds 256 code bytes when INT4 (`chunks_exact(gb)`, gb > 256),
+                    // so bytes 64h..64h + 64 lie inside `blk`.
+                    let v = unsafe { _mm512_loadu_si512(p.add(64 * h).cast()) };
+                    wv[2 * h] = _mm512_and_si512(v, nib);
+                    wv[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+                }
+            } else {
+                for (j, v) in wv.iter_mut().enumerate() {
+                    // SAFETY: an int8 group holds 512 code bytes, so bytes 64j..64j + 64 are inside.
+                    *v = unsafe { _mm512_loadu_si512(p.add(64 * j).cast()) };
+                }
+            }
+            // SAFETY: the scales follow the codes in every group, 64 bytes of them, as do the mins of
+            // asymmetric int4; `gb` covers both.
+            let scale = unsafe { _mm512_loadu_ps(p.add(cb).cast()) };
+            let mins = if ASYM {
+                // SAFETY: as above.
+                unsafe { _mm512_loadu_ps(p.add(cb + 64).cast()) }
+            } else {
+                _mm512_setzero_ps()
+            };
+            for k in 0..T {
+                let b = (i0 + k) * acts.groups + g;
+                let q = &acts.q[b * GROUP..(b + 1) * GROUP];
+                let mut acc = [_mm512_setzero_si512(); 2];
+                for (j, quad) in q.chunks_exact(4).enumerate() {
+                    let x = i32::from_le_bytes([
+                        quad[0] as u8,
+                        quad[1] as u8,
+                        quad[2] as u8,
+                        quad[3] as u8,
+                    ]);
+                    acc[j % 2] = _mm512_dpbusd_epi32(acc[j % 2], wv[j], _mm512_set1_epi32(x));
+                }
+                let mut isum = _mm512_add_epi32(acc[0], acc[1]);
+                if bias != 0 {
+                    isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(bias * acts.sums[b]));
+                }
+                let s = acts.scales[b];
+                accf[k] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(isum),
+                    _mm512_mul_ps(scale, _mm512_set1_ps(s)),
+                    accf[k],
+                );
+                if ASYM {
+                    accm[k] =
+                        _mm512_fmadd_ps(mins, _mm512_set1_ps(s * acts.sums[b] as f32), accm[k]);
+                }
+            }
+        }
+        for k in 0..T {
+            // SAFETY: y[k] is 16 f32s, one unaligned 64-byte store.
+            unsafe { _mm512_storeu_ps(y[k].as_mut_ptr(), _mm512_add_ps(accf[k], accm[k])) };
+        }
+    }
+}
