@@ -97,12 +97,20 @@ pub fn sample(logits: &[f32], s: &Sampling, context: &[u32], rng: &mut Rng) -> u
             };
         }
     }
-    let mut order: Vec<usize> = (0..l.len()).collect();
-    order.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+    // Larger logits first, ties to the smaller id: a total order, so a partial selection keeps exactly
+    // the candidates (and their order) that a full sort would.
+    let before = |a: &usize, b: &usize| l[*b].total_cmp(&l[*a]).then(a.cmp(b));
     if s.temperature == 0.0 {
-        return order[0] as u32;
+        let best = (0..l.len()).min_by(before).unwrap_or(0);
+        return best as u32;
     }
-    order.truncate(s.top_k.unwrap_or(order.len()).max(1));
+    let mut order: Vec<usize> = (0..l.len()).collect();
+    let k = s.top_k.unwrap_or(order.len()).clamp(1, order.len().max(1));
+    if k < order.len() {
+        order.select_nth_unstable_by(k - 1, before);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(before);
     let max = l[order[0]] as f64;
     let mut weights: Vec<f64> = order
         .iter()

@@ -10,15 +10,21 @@
 //! - [`demo`]: the training run behind `trit demo` / `trit train` and the training benchmark.
 //! - [`bench`]: GEMM throughput against a peer measured in the same run (`trit bench matmul`).
 //! - [`qbench`]: packed low-bit matmul against trit's f32 matmul (`trit bench qmatmul`).
-//! - [`tokenizer`]: byte-level BPE read from GGUF metadata.
+//! - [`tokenizer`]: byte-level BPE read from GGUF metadata; BERT's WordPiece.
+//! - [`bert`]: a BERT encoder with sentence-transformers pooling (all-MiniLM-L6-v2).
+//! - [`embed`]: sentence embeddings as JSON lines (`trit embed`).
 //! - [`inspect`]: the metadata and tensor table of a GGUF or safetensors file (`trit inspect`).
+//! - [`genbench`]: prompt and generation tokens/s of a GGUF model (`trit bench generate`).
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
 
 pub mod attnbench;
 pub mod bench;
+pub mod bert;
 pub mod data;
 pub mod demo;
+pub mod embed;
+pub mod genbench;
 pub mod generate;
 pub mod inspect;
 pub mod llama;

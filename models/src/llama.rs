@@ -186,6 +186,7 @@ pub struct Llama {
     /// `None` when the output projection is the embedding table.
     lm_head: Option<Linear>,
     rope: RopeTable,
+    device: trit::Device,
 }
 
 impl Llama {
@@ -230,6 +231,7 @@ impl Llama {
             norm,
             lm_head,
             rope,
+            device: params.device(),
         })
     }
 
@@ -315,6 +317,21 @@ impl Llama {
     /// [`Llama::forward`] over the whole sequence. Not differentiable. On an error (caches that do not
     /// fit, more than max_seq tokens in all, ids outside the vocabulary) the caches are left unchanged.
     pub fn forward_cached(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        self.forward_cached_impl(ids, caches, false)
+    }
+
+    /// [`Llama::forward_cached`] returning only the last position's logits `[batch, 1, vocab]`: what
+    /// decoding needs, without the output projection of every prompt token.
+    pub fn forward_cached_last(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        self.forward_cached_impl(ids, caches, true)
+    }
+
+    fn forward_cached_impl(
+        &self,
+        ids: &Tensor,
+        caches: &mut [KvCache],
+        last_only: bool,
+    ) -> Result<Tensor> {
         let &[batch, seq] = ids.dims() else {
             trit::bail!(
                 "Llama::forward_cached",
@@ -352,6 +369,9 @@ impl Llama {
         let mut x = self.embed_tokens.forward(ids)?;
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             x = layer.forward_cached(&x, Some(&self.rope), cache)?;
+        }
+        if last_only {
+            x = x.narrow(1, seq - 1, 1)?;
         }
         self.logits(&x)
     }
@@ -457,8 +477,7 @@ impl Llama {
             let ids: Vec<i32> = new.iter().map(|&t| t as i32).collect();
             let ids = Tensor::from_vec(ids, (1, new.len()), self.device())?;
             let logits = self
-                .forward_cached(&ids, &mut caches)?
-                .narrow(1, new.len() - 1, 1)?
+                .forward_cached_last(&ids, &mut caches)?
                 .to_dtype(DType::F32)?
                 .to_vec::<f32>()?;
             let (t, more) = step(&logits, &tokens)?;
@@ -471,7 +490,7 @@ impl Llama {
     }
 
     fn device(&self) -> trit::Device {
-        self.embed_tokens.weight().device()
+        self.device
     }
 }
 

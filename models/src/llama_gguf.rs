@@ -3,11 +3,17 @@
 //!
 //! GGUF stores q_proj and k_proj rows permuted so that llama.cpp's RoPE can rotate interleaved pairs
 //! (2i, 2i + 1); loaded as stored, they need [`RopeStyle::Interleaved`], which computes exactly what
-//! Hugging Face's rotate-half does on the unpermuted weights. Weights in block formats are dequantized
-//! to f32 here (what the reference implementation does), so the model trains and runs on every path.
+//! Hugging Face's rotate-half does on the unpermuted weights.
+//!
+//! Weights in block formats (Q4_0, Q4_1, Q8_0, TQ1_0, TQ2_0) load either packed ([`Weights::Packed`]:
+//! repacked once into trit's [`QTensor`] layouts and run by the packed kernels, as llama.cpp runs them)
+//! or dequantized to f32 ([`Weights::Dense`]: what the reference implementation does, and what training
+//! needs).
 
 use crate::llama::{Llama, LlamaConfig};
-use trit::io::gguf::Gguf;
+use trit::cpu::qmatmul::interleaved::Interleaved;
+use trit::cpu::qmatmul::ActMode;
+use trit::io::gguf::{Gguf, TensorType};
 use trit::nn::ParamStore;
 use trit::ops::rope::RopeStyle;
 use trit::{DType, Device, Error, Result};
@@ -97,11 +103,29 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
+/// How the block-quantized weights of a GGUF file load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weights {
+    /// Dequantized to f32 parameters: exactly the reference's numbers, trainable, 4–8× the memory.
+    Dense,
+    /// Kept packed and frozen; the linear layers and the tied output projection run the packed kernels
+    /// with activations in the given form: `ActMode::Int8Blocks` is llama.cpp's arithmetic (int8 per
+    /// block of 32), `ActMode::F32` multiplies the exact dequantized weights.
+    Packed(ActMode),
+}
+
 /// The model in `g`, its weights in f32 in a new [`ParamStore`]. Every tensor of the file must map
 /// to a parameter and every parameter must come from the file.
 pub fn load_llama(g: &Gguf, device: Device) -> Result<(ParamStore, Llama)> {
+    load_llama_with(g, device, Weights::Dense)
+}
+
+/// [`load_llama`] with the block-quantized weights loaded as `weights` says; F32/F16/BF16 tensors (the
+/// norms) are always dense f32 parameters.
+pub fn load_llama_with(g: &Gguf, device: Device, weights: Weights) -> Result<(ParamStore, Llama)> {
     let cfg = config_from_gguf(g)?;
     let ps = ParamStore::new(0, DType::F32, device);
+    let mut loaded = std::collections::BTreeSet::new();
     for info in g.tensors() {
         let name = hf_name(&info.name).ok_or_else(|| {
             Error::Msg(format!(
@@ -110,10 +134,26 @@ pub fn load_llama(g: &Gguf, device: Device) -> Result<(ParamStore, Llama)> {
                 info.name
             ))
         })?;
-        let t = g.tensor(&info.name, device)?.to_dtype(DType::F32)?;
-        ps.insert(&name, &t)?;
+        match (info.ty, weights) {
+            (TensorType::Quant(_), Weights::Packed(act)) if info.shape.len() == 2 => {
+                let q = g.qtensor(&info.name)?;
+                // Formats without a tile layout (ternary) take int8 activations per token instead.
+                let act = match act {
+                    ActMode::Int8Blocks if !Interleaved::supports(q.format()) => ActMode::Int8,
+                    _ => act,
+                };
+                if act == ActMode::Int8Blocks {
+                    q.prepare_int8_blocks();
+                }
+                ps.insert_packed(&name, q, act);
+            }
+            _ => {
+                let t = g.tensor(&info.name, device)?.to_dtype(DType::F32)?;
+                ps.insert(&name, &t)?;
+            }
+        }
+        loaded.insert(name);
     }
-    let loaded: std::collections::BTreeSet<String> = ps.all().into_iter().map(|(n, _)| n).collect();
     let model = Llama::new(&ps, cfg).map_err(|e| Error::Msg(format!("{}: {e}", g.path())))?;
     // Llama::new creates what the file lacked (with random values): that is a missing weight.
     if let Some((missing, _)) = ps.all().into_iter().find(|(n, _)| !loaded.contains(n)) {

@@ -3,7 +3,7 @@
 
 use crate::generate::{ChatTemplate, GenerateOptions, Utf8Stream};
 use crate::llama::Llama;
-use crate::llama_gguf::load_llama;
+use crate::llama_gguf::{load_llama_with, Weights};
 use crate::tokenizer::{bpe_from_gguf, Bpe};
 use std::io::Write;
 use std::path::Path;
@@ -30,8 +30,9 @@ pub struct Generated {
 }
 
 impl Llm {
-    /// Loads a Llama-architecture GGUF file, saying on stderr what it loads when `progress` is set.
-    pub fn open(path: &Path, progress: bool) -> Result<Llm> {
+    /// Loads a Llama-architecture GGUF file with its block-quantized weights as `weights` says, saying
+    /// on stderr what it loads when `progress` is set.
+    pub fn open(path: &Path, weights: Weights, progress: bool) -> Result<Llm> {
         let started = Instant::now();
         let g = Gguf::open(path)?;
         if progress {
@@ -43,7 +44,7 @@ impl Llm {
                 g.tensors().len()
             );
         }
-        let (_, model) = load_llama(&g, Device::Cpu)?;
+        let (_, model) = load_llama_with(&g, Device::Cpu, weights)?;
         let bpe = bpe_from_gguf(&g)?;
         let template = g
             .get_str("tokenizer.chat_template")

