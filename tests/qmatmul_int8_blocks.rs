@@ -37,14 +37,31 @@ impl Lcg {
 }
 
 /// Random weights quantized into `format`, with a spread of group magnitudes (and of signs of the mins).
-fn weights(format: QFormat, rows: usize, cols: usize, rng: &mut Lcg) -> QTensor {
+/// With `f16`, the scales and mins are rounded to f16 values, as GGUF stores them, which the tile
+/// layout then keeps in 2 bytes instead of 4.
+fn weights(format: QFormat, rows: usize, cols: usize, rng: &mut Lcg, f16: bool) -> QTensor {
     let w: Vec<f32> = (0..rows * cols)
         .map(|k| {
             let group_scale = 1.0 + 4.0 * (((k / 32) * 7919 % 13) as f32 / 13.0);
             rng.next() * group_scale + if k % 97 == 0 { 0.5 } else { 0.0 }
         })
         .collect();
-    QTensor::quantize(&w, rows, cols, format).expect("valid shape")
+    let q = QTensor::quantize(&w, rows, cols, format).expect("valid shape");
+    if !f16 {
+        return q;
+    }
+    let round =
+        |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    let mins = round(q.mins());
+    QTensor::from_codes(
+        format,
+        rows,
+        cols,
+        &q.codes(),
+        &round(q.scales()),
+        format.has_mins().then_some(&mins[..]),
+    )
+    .expect("valid codes")
 }
 
 /// y = x̂·Ŵᵀ in f64, and Σ|x̂||ŵ| per entry (the scale of the rounding error).
@@ -99,7 +116,7 @@ fn check(w: &QTensor, x: &[f32], m: usize, threads: usize) -> Result<(), TestCas
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig::with_cases(40))]
 
     #[test]
     fn matches_the_f64_reference(
@@ -107,10 +124,19 @@ proptest! {
         rows in 1usize..70,
         cols in 1usize..200,
         m in 1usize..11,
+        f16 in any::<bool>(),
         seed in any::<u64>(),
     ) {
         let mut rng = Lcg(seed);
-        let w = weights(FORMATS[f], rows, cols, &mut rng);
+        let w = weights(FORMATS[f], rows, cols, &mut rng, f16);
+        if f16 {
+            // f16 scales (and mins) take 2 bytes each in the tile layout.
+            let code_bytes = if f == 2 { 512 } else { 256 };
+            let vectors = if f == 1 { 2 } else { 1 };
+            let il = Interleaved::new(&w.packed()).expect("a tile format");
+            let groups = cols.div_ceil(GROUP) * rows.div_ceil(TILE_ROWS);
+            prop_assert_eq!(il.byte_size(), groups * (code_bytes + vectors * TILE_ROWS * 2));
+        }
         // Activations with an outlier channel: per-block scales keep the other blocks fine.
         let x: Vec<f32> = (0..m * cols)
             .map(|k| rng.next() * if k % cols == 3 { 40.0 } else { 1.0 })
