@@ -183,3 +183,25 @@ fn other_formats_are_refused() {
     assert!(err.contains("groups of 32"), "{err}");
     assert_eq!((TILE_ROWS, GROUP), (16, 32));
 }
+
+#[test]
+fn many_matrices_at_once_equal_one_by_one() {
+    // A layer's q, k and v: different row counts (not multiples of 16), one shared input; one token
+    // (the fused path) and three (one product per matrix).
+    let mut rng = Lcg(11);
+    let ws: Vec<QTensor> = [(40, FORMATS[1]), (17, FORMATS[0]), (23, FORMATS[2])]
+        .into_iter()
+        .map(|(rows, f)| weights(f, rows, 100, &mut rng, true))
+        .collect();
+    let refs: Vec<&QTensor> = ws.iter().collect();
+    for m in [1usize, 3] {
+        let x: Vec<f32> = (0..m * 100).map(|_| rng.next()).collect();
+        let xt = Tensor::from_vec(x, (1, m, 100), Device::Cpu).unwrap();
+        let many = QTensor::matmul_many(&refs, &xt, ActMode::Int8Blocks).unwrap();
+        for (w, y) in ws.iter().zip(&many) {
+            let one = w.matmul(&xt, ActMode::Int8Blocks).unwrap();
+            assert_eq!(y.dims(), &[1, m, w.rows()]);
+            assert_eq!(y.to_vec_f32(), one.to_vec_f32());
+        }
+    }
+}

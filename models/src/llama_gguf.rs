@@ -123,6 +123,17 @@ pub fn load_llama(g: &Gguf, device: Device) -> Result<(ParamStore, Llama)> {
 /// [`load_llama`] with the block-quantized weights loaded as `weights` says; F32/F16/BF16 tensors (the
 /// norms) are always dense f32 parameters.
 pub fn load_llama_with(g: &Gguf, device: Device, weights: Weights) -> Result<(ParamStore, Llama)> {
+    load_llama_reporting(g, device, weights, &mut |_| {})
+}
+
+/// [`load_llama_with`], calling `loaded_bytes` with the file bytes of each tensor once it is in (for a
+/// progress bar).
+pub fn load_llama_reporting(
+    g: &Gguf,
+    device: Device,
+    weights: Weights,
+    loaded_bytes: &mut dyn FnMut(usize),
+) -> Result<(ParamStore, Llama)> {
     let cfg = config_from_gguf(g)?;
     let ps = ParamStore::new(0, DType::F32, device);
     let mut loaded = std::collections::BTreeSet::new();
@@ -153,6 +164,7 @@ pub fn load_llama_with(g: &Gguf, device: Device, weights: Weights) -> Result<(Pa
             }
         }
         loaded.insert(name);
+        loaded_bytes(info.end - info.start);
     }
     let model = Llama::new(&ps, cfg).map_err(|e| Error::Msg(format!("{}: {e}", g.path())))?;
     // Llama::new creates what the file lacked (with random values): that is a missing weight.

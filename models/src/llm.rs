@@ -3,8 +3,9 @@
 
 use crate::generate::{ChatTemplate, GenerateOptions, Utf8Stream};
 use crate::llama::Llama;
-use crate::llama_gguf::{load_llama_with, Weights};
+use crate::llama_gguf::{load_llama_reporting, Weights};
 use crate::tokenizer::{bpe_from_gguf, Bpe};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -35,16 +36,25 @@ impl Llm {
     pub fn open(path: &Path, weights: Weights, progress: bool) -> Result<Llm> {
         let started = Instant::now();
         let g = Gguf::open(path)?;
-        if progress {
-            let bytes: usize = g.tensors().iter().map(|t| t.end - t.start).sum();
-            eprintln!(
-                "loading {} ({:.0} MB, {} tensors)…",
+        let bytes: usize = g.tensors().iter().map(|t| t.end - t.start).sum();
+        let bar = if progress {
+            let bar = ProgressBar::new(bytes as u64).with_message(format!(
+                "loading {} ({} tensors)",
                 path.display(),
-                bytes as f64 / 1e6,
                 g.tensors().len()
+            ));
+            bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}")
+                    .map_err(|e| Error::Msg(format!("progress bar: {e}")))?
+                    .progress_chars("=> "),
             );
-        }
-        let (_, model) = load_llama_with(&g, Device::Cpu, weights)?;
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        let (_, model) =
+            load_llama_reporting(&g, Device::Cpu, weights, &mut |b| bar.inc(b as u64))?;
+        bar.finish_and_clear();
         let bpe = bpe_from_gguf(&g)?;
         let template = g
             .get_str("tokenizer.chat_template")

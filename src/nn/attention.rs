@@ -183,9 +183,12 @@ impl Attention {
             );
         }
         let split_heads = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2);
-        let q = split_heads(self.q.forward(x)?, h)?;
-        let k = split_heads(self.k.forward(x)?, kvh)?;
-        let v = split_heads(self.v.forward(x)?, kvh)?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&self.q, &self.k, &self.v], x)?
+            .try_into()
+            .map_err(|_| Error::Msg("Attention: three projections give three outputs".into()))?;
+        let q = split_heads(q, h)?;
+        let k = split_heads(k, kvh)?;
+        let v = split_heads(v, kvh)?;
         let (q, k) = match rope {
             Some(table) => {
                 let start = cache.len() as i64;

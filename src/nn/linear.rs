@@ -163,6 +163,40 @@ impl Linear {
         self.dims()[0]
     }
 
+    /// `[layer.forward(x) for each layer]` for layers of the same input size (a layer's q, k and v
+    /// projections). Packed layers without biases that share their activation form run as one
+    /// product (see [`QTensor::matmul_many`]); any other mix runs layer by layer.
+    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let packed: Option<Vec<&PackedParam>> = layers
+            .iter()
+            .map(|l| match (&l.weight, &l.bias) {
+                (Weight::Packed(p), None) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let in_dim = x.dims().last().copied();
+        match packed {
+            Some(ps)
+                if !ps.is_empty()
+                    && ps.iter().all(|p| p.act == ps[0].act)
+                    && layers.iter().all(|l| Some(l.in_dim()) == in_dim)
+                    && !(grad_enabled() && x.tracks_grad()) =>
+            {
+                let Some((&k, lead)) = x.dims().split_last() else {
+                    crate::bail!("Linear::forward_many", "input must have at least one dim");
+                };
+                let rows: usize = lead.iter().product();
+                let ws: Vec<&QTensor> = ps.iter().map(|p| &*p.weights).collect();
+                QTensor::matmul_many(&ws, &x.reshape((rows, k))?, ps[0].act)?
+                    .into_iter()
+                    .zip(layers)
+                    .map(|(y, l)| y.reshape([lead, &[l.out_dim()]].concat()))
+                    .collect()
+            }
+            _ => layers.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
     /// `x [..., in] -> [..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let Some((&in_dim, lead)) = x.dims().split_last() else {
@@ -246,6 +280,45 @@ mod tests {
             g.get(&w).unwrap().to_vec_f32(),
             vec![1., 0., -1., 1., 0., -1.]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn packed_layers_run_together_and_refuse_gradients() -> Result<()> {
+        use crate::quant::{Group, QFormat};
+        let mut rng = Rng::new(5);
+        let fmt = QFormat::Int4 {
+            group: Group::Size(32),
+            asym: true,
+        };
+        let q = |rows: usize, rng: &mut Rng| -> Result<QTensor> {
+            let w = Tensor::randn((rows, 64), 0.0, 0.1, rng, Device::Cpu)?;
+            QTensor::quantize_tensor(&w, fmt)
+        };
+        let a = Linear::from_packed(q(24, &mut rng)?, ActMode::Int8Blocks, None)?;
+        let b = Linear::from_packed(q(8, &mut rng)?, ActMode::Int8Blocks, None)?;
+        let dense = Linear::from_weights(
+            Tensor::randn((5, 64), 0.0, 0.1, &mut rng, Device::Cpu)?,
+            None,
+        )?;
+        assert!(
+            a.weight().is_none() && a.packed().is_some() && (a.in_dim(), a.out_dim()) == (64, 24)
+        );
+        let x = Tensor::randn((1, 1, 64), 0.0, 1.0, &mut rng, Device::Cpu)?;
+        // Packed layers together (one fused product) and a mix with a dense one (layer by layer)
+        // give what each layer gives alone.
+        for layers in [vec![&a, &b], vec![&a, &dense, &b]] {
+            let ys = Linear::forward_many(&layers, &x)?;
+            for (l, y) in layers.iter().zip(&ys) {
+                assert_eq!(y.to_vec_f32(), l.forward(&x)?.to_vec_f32());
+            }
+        }
+        // A packed layer passes no gradient: an input that carries one is refused, not cut.
+        let xv = x.var()?;
+        let err = a.forward(&xv).unwrap_err().to_string();
+        assert!(err.contains("no_grad"), "{err}");
+        let _ng = crate::tensor::no_grad();
+        assert!(a.forward(&xv).is_ok());
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 
 use super::linear::Linear;
 use super::params::{Init, ParamStore};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Which feed-forward block a transformer layer uses.
@@ -54,8 +54,10 @@ impl SwiGluMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.gate.forward(x)?.silu()?.mul(&self.up.forward(x)?)?;
-        self.down.forward(&h)
+        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], x)?
+            .try_into()
+            .map_err(|_| Error::Msg("SwiGluMlp: two projections give two outputs".into()))?;
+        self.down.forward(&gate.silu()?.mul(&up)?)
     }
 }
 

@@ -469,6 +469,34 @@ impl QTensor {
         Tensor::from_vec(out, dims, x.device())
     }
 
+    /// [`QTensor::matmul`] of one input with several matrices of the same `cols` (a layer's q, k and v
+    /// projections): `[x·Ŵ_jᵀ]`. One token in `ActMode::Int8Blocks` form runs as one parallel region
+    /// over every matrix's rows (see [`interleaved::matvec_many`]); otherwise one product per matrix.
+    pub fn matmul_many(ws: &[&QTensor], x: &Tensor, act: ActMode) -> Result<Vec<Tensor>> {
+        let m = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        let fused = act == ActMode::Int8Blocks
+            && m == 1
+            && x.dtype().is_float()
+            && x.dims()
+                .last()
+                .is_some_and(|&k| ws.iter().all(|w| w.cols == k))
+            && ws.iter().all(|w| Interleaved::supports(w.format));
+        if !fused {
+            return ws.iter().map(|w| w.matmul(x, act)).collect();
+        }
+        x.device().check()?;
+        let tiles: Vec<Arc<Interleaved>> = ws.iter().map(|w| w.tiles()).collect();
+        let refs: Vec<&Interleaved> = tiles.iter().map(|t| &**t).collect();
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
+        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+        x.with_f32_slice(|xs| interleaved::matvec_many(&refs, xs, &mut slices, QIsa::best()));
+        let lead = &x.dims()[..x.rank() - 1];
+        outs.into_iter()
+            .zip(ws)
+            .map(|(o, w)| Tensor::from_vec(o, [lead, &[w.rows]].concat(), x.device()))
+            .collect()
+    }
+
     /// The weights in the tile layout of `ActMode::Int8Blocks` (made once, then shared).
     ///
     /// # Panics

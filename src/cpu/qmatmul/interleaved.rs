@@ -307,6 +307,33 @@ pub fn matmul(w: &Interleaved, x: &[f32], m: usize, out: &mut [f32], isa: QIsa) 
     }
 }
 
+/// One token's products with several matrices of the same `cols` (a layer's q, k and v projections),
+/// `outs[j]` = x̂·W_jᵀ: the activations are quantized once and every matrix's tiles share one parallel
+/// region, which costs one wake-up of the thread pool instead of one per matrix.
+///
+/// # Panics
+/// If the matrices' `cols` differ from `x.len()`, an `outs[j]` is shorter than `ws[j].rows`, or this
+/// CPU lacks `isa`.
+pub fn matvec_many(ws: &[&Interleaved], x: &[f32], outs: &mut [&mut [f32]], isa: QIsa) {
+    assert!(QIsa::available().contains(&isa) && ws.len() == outs.len());
+    assert!(ws.iter().all(|w| w.cols == x.len()));
+    let acts = BlockActs::quantize(x, 1, x.len());
+    let threads = rayon::current_num_threads().max(1);
+    let tiles: usize = ws.iter().map(|w| w.tiles).sum();
+    let chunk = tiles.div_ceil(threads * 2).max(1);
+    let mut jobs = Vec::new();
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        assert!(out.len() >= w.rows);
+        for (c, o) in out[..w.rows].chunks_mut(chunk * TILE_ROWS).enumerate() {
+            jobs.push((*w, c * chunk..(c + 1) * chunk, o));
+        }
+    }
+    jobs.into_par_iter().for_each(|(w, tiles, o)| {
+        let ld = o.len();
+        run_tiles(w, &acts, tiles, o, ld, isa);
+    });
+}
+
 /// Rows of tiles `tiles` for every token: y[i, r] into `out[i·ld + r − first row]`.
 fn run_tiles(
     w: &Interleaved,
