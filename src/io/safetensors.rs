@@ -384,9 +384,13 @@ fn parse_entry(
             None => return Err(format!("tensor {name:?}: unknown dtype {dtype_name:?}")),
         },
     };
+    // The product of the non-zero dims must fit too: a zero dim makes the byte count 0, but the
+    // strides are products of the inner dims, and [0, 2³², 2³²] would overflow them.
     let bits_total = shape
         .iter()
+        .filter(|&&d| d != 0)
         .try_fold(bits, |acc, &d| acc.checked_mul(d))
+        .map(|b| if shape.contains(&0) { 0 } else { b })
         .ok_or_else(|| {
             format!("tensor {name:?}: shape {shape:?} of {dtype_name} overflows the byte count")
         })?;
@@ -1176,6 +1180,22 @@ mod tests {
             usize::MAX / 2
         );
         assert_header_error(&header, 0, &["\"w\"", "overflows the byte count"]);
+        // An empty tensor whose other dims overflow: zero bytes, but its strides would overflow
+        // (found reading the fuzz target's code; fuzz/regressions holds the file).
+        assert_header_error(
+            r#"{"a": {"dtype": "F32", "shape": [0, 4294967296, 4294967296], "data_offsets": [0, 0]}}"#,
+            0,
+            &["\"a\"", "overflows the byte count"],
+        );
+        let st = SafeTensors::from_bytes(
+            raw_file(
+                r#"{"e": {"dtype": "F32", "shape": [0, 3, 5], "data_offsets": [0, 0]}}"#,
+                &[],
+            ),
+            PATH,
+        )
+        .expect("an empty tensor with small dims is fine");
+        assert_eq!(st.entries()[0].shape, vec![0, 3, 5]);
     }
 
     #[test]
