@@ -148,18 +148,22 @@ proptest! {
 
 #[test]
 fn block_activations_round_per_block() {
-    // Two blocks of very different ranges: each keeps its own scale.
+    // Two blocks of very different ranges: each keeps its own scale. Rounding is to the nearest
+    // integer, ties to even (2.5 → 2, 3.5 → 4, −63.5 → −64).
     let mut x = vec![0f32; 40];
     x[0] = 127.0;
-    x[1] = 0.5;
+    x[1] = 0.6;
+    x[2] = 2.5;
+    x[3] = 3.5;
+    x[4] = -2.4;
     x[32] = 0.01;
     x[33] = -0.005;
     let a = BlockActs::quantize(&x, 1, 40);
     assert_eq!(a.groups, 2);
     assert_eq!(a.scales, vec![1.0, 0.01 / 127.0]);
-    assert_eq!(&a.q[..2], &[127, 1]);
+    assert_eq!(&a.q[..5], &[127, 1, 2, 4, -2]);
     assert_eq!(&a.q[32..34], &[127, -64]);
-    assert_eq!(a.sums, vec![128, 63]);
+    assert_eq!(a.sums, vec![132, 63]);
     // An all-zero block has scale 0 and codes 0.
     let z = BlockActs::quantize(&[0.0; 5], 1, 5);
     assert_eq!((z.scales[0], z.sums[0]), (0.0, 0));

@@ -3,7 +3,9 @@
 //! from an empty cache), on a fixed number of threads, next to llama.cpp on the same machine.
 //!
 //! The prompt is the first 512 tokens of the bundled King James Bible; generation is greedy. Each
-//! figure is the median of `reps` runs after one warm-up run.
+//! figure is the median of `reps` runs after one warm-up run. With a Python that has llama-cpp-python,
+//! [`bench_peer`] measures llama.cpp the same way in the same run (`scripts/llama_cpp_peer.py`);
+//! otherwise the ratios are against llama.cpp's anchors.md figures.
 
 use std::path::Path;
 use std::time::Instant;
@@ -37,6 +39,57 @@ pub struct GenBench {
     pub options: GenBenchOptions,
     pub prompt_tokens_per_sec: f64,
     pub gen_tokens_per_sec: f64,
+    /// llama.cpp measured in the same run, when asked for.
+    pub peer: Option<Peer>,
+}
+
+/// llama.cpp's speeds from `scripts/llama_cpp_peer.py`.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub version: String,
+    pub prompt_tokens_per_sec: f64,
+    pub gen_tokens_per_sec: f64,
+}
+
+/// Runs `scripts/llama_cpp_peer.py` (from this source tree) with `python` on the same model, text,
+/// threads and token counts as [`bench_generate`].
+pub fn bench_peer(python: &Path, model: &Path, o: &GenBenchOptions) -> Result<Peer> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("scripts/llama_cpp_peer.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg("--model")
+        .arg(model)
+        .arg("--text")
+        .arg(root.join("data/kjv.txt"))
+        .args(["--threads", &o.threads.to_string()])
+        .args(["--prompt-tokens", &o.prompt_tokens.to_string()])
+        .args(["--gen-tokens", &o.gen_tokens.to_string()])
+        .args(["--reps", &o.reps.max(1).to_string()])
+        .output()
+        .map_err(|e| Error::Msg(format!("bench generate: running {}: {e}", python.display())))?;
+    if !out.status.success() {
+        return Err(Error::Msg(format!(
+            "bench generate: {} {} failed (does it have llama-cpp-python?): {}",
+            python.display(),
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        Error::Msg(format!(
+            "bench generate: the peer script printed no JSON: {e}"
+        ))
+    })?;
+    let num = |k: &str| {
+        v[k].as_f64()
+            .ok_or_else(|| Error::Msg(format!("bench generate: the peer script gave no {k}")))
+    };
+    Ok(Peer {
+        version: v["llama_cpp_python"].as_str().unwrap_or("?").to_owned(),
+        prompt_tokens_per_sec: num("prompt_tokens_per_sec")?,
+        gen_tokens_per_sec: num("gen_tokens_per_sec")?,
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -109,25 +162,32 @@ fn run(path: &Path, o: &GenBenchOptions) -> Result<GenBench> {
         options: o.clone(),
         prompt_tokens_per_sec: median(pp),
         gen_tokens_per_sec: median(tg),
+        peer: None,
     })
 }
 
 impl GenBench {
-    fn mid(range: (f64, f64)) -> f64 {
-        (range.0 + range.1) / 2.0
+    /// llama.cpp's (prompt, generation) tokens/s: measured in this run, or the middle of anchors.md's.
+    fn peer_speeds(&self) -> (f64, f64) {
+        match &self.peer {
+            Some(p) => (p.prompt_tokens_per_sec, p.gen_tokens_per_sec),
+            None => (
+                (LLAMA_CPP_PROMPT_TOKENS_PER_SEC.0 + LLAMA_CPP_PROMPT_TOKENS_PER_SEC.1) / 2.0,
+                (LLAMA_CPP_GENERATE_TOKENS_PER_SEC.0 + LLAMA_CPP_GENERATE_TOKENS_PER_SEC.1) / 2.0,
+            ),
+        }
     }
 
-    /// trit's speed over the middle of llama.cpp's range: (prompt, generation).
+    /// trit's speed over llama.cpp's: (prompt, generation).
     pub fn ratios(&self) -> (f64, f64) {
-        (
-            self.prompt_tokens_per_sec / GenBench::mid(LLAMA_CPP_PROMPT_TOKENS_PER_SEC),
-            self.gen_tokens_per_sec / GenBench::mid(LLAMA_CPP_GENERATE_TOKENS_PER_SEC),
-        )
+        let (p, g) = self.peer_speeds();
+        (self.prompt_tokens_per_sec / p, self.gen_tokens_per_sec / g)
     }
 
     pub fn to_json(&self) -> serde_json::Value {
         let o = &self.options;
         let (rp, rg) = self.ratios();
+        let (pp, pg) = self.peer_speeds();
         serde_json::json!({
             "model": self.model,
             "threads": o.threads,
@@ -138,8 +198,12 @@ impl GenBench {
             "prompt_tokens_per_sec": self.prompt_tokens_per_sec,
             "gen_tokens": o.gen_tokens,
             "gen_tokens_per_sec": self.gen_tokens_per_sec,
-            "llama_cpp_prompt_tokens_per_sec": [LLAMA_CPP_PROMPT_TOKENS_PER_SEC.0, LLAMA_CPP_PROMPT_TOKENS_PER_SEC.1],
-            "llama_cpp_gen_tokens_per_sec": [LLAMA_CPP_GENERATE_TOKENS_PER_SEC.0, LLAMA_CPP_GENERATE_TOKENS_PER_SEC.1],
+            "peer": match &self.peer {
+                Some(p) => format!("llama-cpp-python {}, same run", p.version),
+                None => "llama.cpp, anchors.md".to_owned(),
+            },
+            "peer_prompt_tokens_per_sec": pp,
+            "peer_gen_tokens_per_sec": pg,
             "prompt_ratio": rp,
             "gen_ratio": rg,
         })
@@ -148,15 +212,22 @@ impl GenBench {
     pub fn table(&self) -> String {
         let o = &self.options;
         let (rp, rg) = self.ratios();
-        let (lp, lg) = (
-            LLAMA_CPP_PROMPT_TOKENS_PER_SEC,
-            LLAMA_CPP_GENERATE_TOKENS_PER_SEC,
-        );
+        let (pp, pg) = self.peer_speeds();
+        let peer = match &self.peer {
+            Some(p) => format!("llama.cpp (llama-cpp-python {}, same run)", p.version),
+            None => format!(
+                "llama.cpp (anchors.md: {}–{} and {}–{}; pass --peer PYTHON to measure it here)",
+                LLAMA_CPP_PROMPT_TOKENS_PER_SEC.0,
+                LLAMA_CPP_PROMPT_TOKENS_PER_SEC.1,
+                LLAMA_CPP_GENERATE_TOKENS_PER_SEC.0,
+                LLAMA_CPP_GENERATE_TOKENS_PER_SEC.1
+            ),
+        };
         format!(
-            "{}: {} threads, weights {:?}, KV {:?}, median of {} runs\n\
-             {:<22} {:>12} {:>16} {:>7}\n\
-             {:<22} {:>12.1} {:>16} {:>6.2}×\n\
-             {:<22} {:>12.1} {:>16} {:>6.2}×\n",
+            "{}: {} threads, weights {:?}, KV {:?}, median of {} runs\npeer: {peer}\n\
+             {:<22} {:>10} {:>10} {:>7}\n\
+             {:<22} {:>10.1} {:>10.1} {:>6.2}×\n\
+             {:<22} {:>10.1} {:>10.1} {:>6.2}×\n",
             self.model,
             o.threads,
             o.weights,
@@ -168,11 +239,11 @@ impl GenBench {
             "ratio",
             format!("prompt ({} tokens)", o.prompt_tokens),
             self.prompt_tokens_per_sec,
-            format!("{}–{}", lp.0, lp.1),
+            pp,
             rp,
             format!("generate ({} tokens)", o.gen_tokens),
             self.gen_tokens_per_sec,
-            format!("{}–{}", lg.0, lg.1),
+            pg,
             rg,
         )
     }

@@ -19,6 +19,7 @@ Examples:
   trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
   trit bench attention                   flash attention vs naive, fwd and fwd+bwd; decode per KV format
   trit bench generate --model m.gguf     prompt 512 / generate 128 tokens/s on 2 threads vs llama.cpp
+  trit bench generate --model m.gguf --peer venv/bin/python   ... with llama-cpp-python measured in the same run
   trit inspect model.gguf                metadata and tensor table of a GGUF or safetensors file
   trit embed --model DIR \"some text\"     sentence embeddings (all-MiniLM-L6-v2 folder), JSON lines
   trit generate --model m.gguf --chat --prompt \"What is the capital of France?\" --temperature 0
@@ -175,6 +176,10 @@ enum BenchCommand {
         kv: KvArg,
         #[command(flatten)]
         weights: WeightsArgs,
+        /// A Python with llama-cpp-python: measure llama.cpp in the same run
+        /// (scripts/llama_cpp_peer.py) instead of quoting anchors.md.
+        #[arg(long, value_name = "PYTHON")]
+        peer: Option<PathBuf>,
     },
     /// Training tokens/s at the anchors.md shape (d 256, 4 layers, 4 heads, ff 768, vocab 256, batch 8 ×
     /// seq 256), next to PyTorch's 5,550 tokens/s on this CPU.
@@ -552,8 +557,9 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
             reps,
             kv,
             ref weights,
+            ref peer,
         } => {
-            use trit_models::genbench::{bench_generate, GenBenchOptions};
+            use trit_models::genbench::{bench_generate, bench_peer, GenBenchOptions};
             let options = GenBenchOptions {
                 threads,
                 prompt_tokens: if quick { 64 } else { 512 },
@@ -562,7 +568,13 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
                 weights: weights.mode(),
                 kv: kv.format(),
             };
-            let b = bench_generate(model, &options)?;
+            // The peer first: its process is gone before trit's threads start.
+            let peer = match peer {
+                Some(python) => Some(bench_peer(python, model, &options)?),
+                None => None,
+            };
+            let mut b = bench_generate(model, &options)?;
+            b.peer = peer;
             if json {
                 println!("{}", b.to_json());
             } else {
@@ -604,7 +616,25 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     trit::cpu::retain_freed_memory();
-    let result = match &cli.command {
+    // The command runs on a worker of its own pool (sized like rayon's global one, RAYON_NUM_THREADS
+    // included) rather than on the main thread: a parallel region then starts on the thread that
+    // reaches it instead of waking the whole pool and putting the caller to sleep, which was a
+    // quarter of a decoding step's time.
+    let result = match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(|| run(&cli)),
+        Err(_) => run(&cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> trit::Result<()> {
+    match &cli.command {
         None => run_train(&cli.demo, None),
         Some(Command::Demo(args)) => run_train(args, None),
         Some(Command::Train { args, resume }) => run_train(args, resume.clone()),
@@ -625,13 +655,6 @@ fn main() -> ExitCode {
         ),
         Some(Command::Inspect { file }) => {
             trit_models::inspect::inspect(file).map(|report| print!("{report}"))
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
         }
     }
 }
