@@ -445,6 +445,10 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
+    /// How many groups ahead the tile kernel prefetches: 2.5 KiB of int4 weights, 4.3 KiB of int8.
+    /// Measured on SmolLM2 decoding: 4 groups gave 140 tokens/s, 8 gave 155-175, 16 and more less.
+    const PREFETCH_GROUPS: usize = 8;
+
     /// [`tile`] for `w`'s kind and the number of tokens, with f16 (`HALF`) or f32 scales.
     ///
     /// # Safety
@@ -517,6 +521,15 @@ mod x86 {
         let mut accm = [_mm512_setzero_ps(); T];
         for (g, blk) in data.chunks_exact(gb).enumerate() {
             let p = blk.as_ptr();
+            // The weights stream from the last-level cache or memory once per token; asking for the
+            // group PREFETCH_GROUPS ahead keeps more lines in flight than the hardware prefetcher
+            // does (SmolLM2 decoding: 95-100 → 155-175 tokens/s). Tiles are contiguous, so near a
+            // tile's end this fetches the next tile's start, which its task reads next. A prefetch
+            // never faults, even past the end of the buffer.
+            let ahead = p.wrapping_add(PREFETCH_GROUPS * gb);
+            for line in (0..gb).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+            }
             let mut wv = [_mm512_setzero_si512(); 8];
             if INT4 {
                 for h in 0..4 {
