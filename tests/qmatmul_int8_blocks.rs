@@ -64,10 +64,18 @@ fn weights(format: QFormat, rows: usize, cols: usize, rng: &mut Lcg, f16: bool) 
     .expect("valid codes")
 }
 
-/// y = x̂·Ŵᵀ in f64, and Σ|x̂||ŵ| per entry (the scale of the rounding error).
+/// y = x̂·Ŵᵀ in f64, and per entry the scale of the rounding error: Σ|x̂|(|ŵ| + 2|min|), since
+/// the kernel sums the scaled codes (|s·u| ≤ |ŵ| + |min|) and the min terms apart, and those two
+/// can cancel.
 fn reference(w: &QTensor, xhat: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
     let (rows, cols) = (w.rows(), w.cols());
     let wd = w.dequantize();
+    let groups = cols.div_ceil(GROUP);
+    let min = |r: usize, k: usize| -> f64 {
+        w.mins()
+            .get(r * groups + k / GROUP)
+            .map_or(0.0, |&v| f64::from(v).abs())
+    };
     let mut y = vec![0f64; m * rows];
     let mut mag = vec![0f64; m * rows];
     for i in 0..m {
@@ -75,7 +83,7 @@ fn reference(w: &QTensor, xhat: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
             for k in 0..cols {
                 let (x, v) = (f64::from(xhat[i * cols + k]), f64::from(wd[r * cols + k]));
                 y[i * rows + r] += x * v;
-                mag[i * rows + r] += (x * v).abs();
+                mag[i * rows + r] += x.abs() * (v.abs() + 2.0 * min(r, k));
             }
         }
     }
