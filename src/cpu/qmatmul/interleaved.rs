@@ -383,6 +383,16 @@ fn tile(
                 x86::tile_kind::<false>(w, t, acts, toks, y)
             }
         },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul` asserted that `isa` is available: Avx512 and Avx2 are listed only where AVX2
+        // and FMA were detected; F16C (f16 scales) is checked here.
+        QIsa::Avx512 | QIsa::Avx2 if w.width == 4 || std::is_x86_feature_detected!("f16c") => unsafe {
+            if w.width == 2 {
+                x86_avx2::tile_kind::<true>(w, t, acts, toks, y)
+            } else {
+                x86_avx2::tile_kind::<false>(w, t, acts, toks, y)
+            }
+        },
         _ => portable_tile(w, t, acts, toks, y),
     }
 }
@@ -586,6 +596,196 @@ mod x86 {
         for k in 0..T {
             // SAFETY: y[k] is 16 f32s, one unaligned 64-byte store.
             unsafe { _mm512_storeu_ps(y[k].as_mut_ptr(), _mm512_add_ps(accf[k], accm[k])) };
+        }
+    }
+}
+
+/// The tile kernel on AVX2 (also what AVX-512 without VNNI runs): a 16-row quad is two 256-bit
+/// halves of 8 rows. Without `vpdpbusd`, products go through `vpmaddubsw` (u8 × s8 → i16 pairs,
+/// saturating) and `vpmaddwd`:
+/// - int4 nibbles u ≤ 15 are the unsigned operand: a pair is at most 2·15·127 = 3810, so a group's
+///   eight quads add up in i16 (≤ 30480) before one `vpmaddwd` per group;
+/// - int8 codes c (stored c + 128) would overflow as the unsigned operand, so the operands are |q|
+///   and c·sign(q): a pair is at most 2·127·127 = 32258, and the sum is Σc·q with no bias.
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2 {
+    use super::{BlockActs, Interleaved, Kind, GROUP, TB, TILE_ROWS};
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// Groups ahead that the kernel prefetches (as the AVX-512 kernel).
+    const PREFETCH_GROUPS: usize = 8;
+
+    /// [`tile`] for `w`'s kind and the number of tokens, with f16 (`HALF`) or f32 scales.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and F16C when `HALF`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_kind<const HALF: bool>(
+        w: &Interleaved,
+        t: usize,
+        acts: &BlockActs,
+        toks: Range<usize>,
+        y: &mut [[f32; TILE_ROWS]; TB],
+    ) {
+        let i0 = toks.start;
+        // SAFETY (every arm): the caller's promise, passed on.
+        unsafe {
+            match (w.kind, toks.len()) {
+                (Kind::Int8, 1) => tile::<false, false, HALF, 1>(w, t, acts, i0, y),
+                (Kind::Int8, 2) => tile::<false, false, HALF, 2>(w, t, acts, i0, y),
+                (Kind::Int8, 3) => tile::<false, false, HALF, 3>(w, t, acts, i0, y),
+                (Kind::Int8, _) => tile::<false, false, HALF, TB>(w, t, acts, i0, y),
+                (Kind::Int4Sym, 1) => tile::<true, false, HALF, 1>(w, t, acts, i0, y),
+                (Kind::Int4Sym, 2) => tile::<true, false, HALF, 2>(w, t, acts, i0, y),
+                (Kind::Int4Sym, 3) => tile::<true, false, HALF, 3>(w, t, acts, i0, y),
+                (Kind::Int4Sym, _) => tile::<true, false, HALF, TB>(w, t, acts, i0, y),
+                (Kind::Int4Asym, 1) => tile::<true, true, HALF, 1>(w, t, acts, i0, y),
+                (Kind::Int4Asym, 2) => tile::<true, true, HALF, 2>(w, t, acts, i0, y),
+                (Kind::Int4Asym, 3) => tile::<true, true, HALF, 3>(w, t, acts, i0, y),
+                (Kind::Int4Asym, _) => tile::<true, true, HALF, TB>(w, t, acts, i0, y),
+            }
+        }
+    }
+
+    /// 8 floats at `p`: f16 (`HALF`) or f32.
+    ///
+    /// # Safety
+    /// `p` must point to 16 (`HALF`) or 32 readable bytes; the CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load8<const HALF: bool>(p: *const u8) -> __m256 {
+        // SAFETY: the caller's promise.
+        unsafe {
+            if HALF {
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+            } else {
+                _mm256_loadu_ps(p.cast())
+            }
+        }
+    }
+
+    /// The 4 activation codes of quad `j` of `q`, as one little-endian i32.
+    #[inline(always)]
+    fn quad(q: &[i8], j: usize) -> i32 {
+        i32::from_le_bytes([
+            q[4 * j] as u8,
+            q[4 * j + 1] as u8,
+            q[4 * j + 2] as u8,
+            q[4 * j + 3] as u8,
+        ])
+    }
+
+    /// [`super::portable_tile`] on AVX2 for tokens `i0..i0 + T`; parameters as the AVX-512 kernel's.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and F16C when `HALF`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const INT4: bool, const ASYM: bool, const HALF: bool, const T: usize>(
+        w: &Interleaved,
+        t: usize,
+        acts: &BlockActs,
+        i0: usize,
+        y: &mut [[f32; TILE_ROWS]; TB],
+    ) {
+        let (gb, cb, bias) = (w.group_bytes(), w.kind.code_bytes(), w.kind.bias());
+        let (fb, vb) = if HALF { (16, 32) } else { (32, 64) };
+        let data = w.tile(t);
+        assert!(data.len() == w.groups * gb && i0 + T <= acts.m && T <= TB);
+        assert!(acts.groups == w.groups && acts.q.len() == acts.m * acts.groups * GROUP);
+        let nib = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut accf = [[_mm256_setzero_ps(); 2]; T];
+        let mut accm = [[_mm256_setzero_ps(); 2]; T];
+        for (g, blk) in data.chunks_exact(gb).enumerate() {
+            let p = blk.as_ptr();
+            let ahead = p.wrapping_add(PREFETCH_GROUPS * gb);
+            for line in (0..gb).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+            }
+            let q: [&[i8]; T] = std::array::from_fn(|k| {
+                let b = (i0 + k) * acts.groups + g;
+                &acts.q[b * GROUP..(b + 1) * GROUP]
+            });
+            // i32 sums per token and half (rows 0-7, 8-15).
+            let mut isum = [[_mm256_setzero_si256(); 2]; T];
+            if INT4 {
+                let mut acc16 = [[_mm256_setzero_si256(); 2]; T];
+                for h in 0..4 {
+                    for half in 0..2 {
+                        // SAFETY: an int4 group holds 256 code bytes (gb > 256): bytes
+                        // 64h + 32·half .. + 32 lie inside `blk`.
+                        let v = unsafe { _mm256_loadu_si256(p.add(64 * h + 32 * half).cast()) };
+                        let lo = _mm256_and_si256(v, nib);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                        for (acc, qk) in acc16.iter_mut().zip(&q) {
+                            let a = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(qk, 2 * h)));
+                            let b =
+                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(qk, 2 * h + 1)));
+                            acc[half] = _mm256_add_epi16(acc[half], _mm256_add_epi16(a, b));
+                        }
+                    }
+                }
+                for (is, acc) in isum.iter_mut().zip(&acc16) {
+                    for (i, a) in is.iter_mut().zip(acc) {
+                        *i = _mm256_madd_epi16(*a, ones);
+                    }
+                }
+            } else {
+                let flip = _mm256_set1_epi8(-128);
+                for j in 0..8 {
+                    for half in 0..2 {
+                        // SAFETY: an int8 group holds 512 code bytes: bytes 64j + 32·half .. + 32
+                        // lie inside `blk`.
+                        let v = unsafe { _mm256_loadu_si256(p.add(64 * j + 32 * half).cast()) };
+                        let c = _mm256_xor_si256(v, flip);
+                        for (is, qk) in isum.iter_mut().zip(&q) {
+                            let x = _mm256_set1_epi32(quad(qk, j));
+                            let prod =
+                                _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(c, x));
+                            is[half] = _mm256_add_epi32(is[half], _mm256_madd_epi16(prod, ones));
+                        }
+                    }
+                }
+            }
+            for half in 0..2 {
+                // SAFETY: the scales (and the mins of asymmetric int4) follow the codes, `vb` bytes
+                // each; half `half` is `fb` bytes in.
+                let scale = unsafe { load8::<HALF>(p.add(cb + half * fb)) };
+                let mins = if ASYM {
+                    // SAFETY: as above.
+                    unsafe { load8::<HALF>(p.add(cb + vb + half * fb)) }
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for k in 0..T {
+                    let b = (i0 + k) * acts.groups + g;
+                    let mut is = isum[k][half];
+                    if INT4 && bias != 0 {
+                        is = _mm256_sub_epi32(is, _mm256_set1_epi32(bias * acts.sums[b]));
+                    }
+                    let s = acts.scales[b];
+                    accf[k][half] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(is),
+                        _mm256_mul_ps(scale, _mm256_set1_ps(s)),
+                        accf[k][half],
+                    );
+                    if ASYM {
+                        accm[k][half] = _mm256_fmadd_ps(
+                            mins,
+                            _mm256_set1_ps(s * acts.sums[b] as f32),
+                            accm[k][half],
+                        );
+                    }
+                }
+            }
+        }
+        for k in 0..T {
+            for half in 0..2 {
+                let v = _mm256_add_ps(accf[k][half], accm[k][half]);
+                // SAFETY: y[k] is 16 f32s; half `half` is its 8 floats at 8·half.
+                unsafe { _mm256_storeu_ps(y[k].as_mut_ptr().add(8 * half), v) };
+            }
         }
     }
 }
