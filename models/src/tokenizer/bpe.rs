@@ -262,21 +262,7 @@ impl Bpe {
 /// Splits off every numeric character as a piece of its own (Hugging Face's `Digits` pre-tokenizer
 /// with individual digits).
 fn split_digits(text: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    for (i, c) in text.char_indices() {
-        if c.is_numeric() {
-            if start < i {
-                out.push(&text[start..i]);
-            }
-            out.push(&text[i..i + c.len_utf8()]);
-            start = i + c.len_utf8();
-        }
-    }
-    if start < text.len() {
-        out.push(&text[start..]);
-    }
-    out
+    super::split_isolated(text, char::is_numeric)
 }
 
 /// \p{L}.

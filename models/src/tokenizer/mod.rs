@@ -1,4 +1,5 @@
-//! Tokenizers of the real models: byte-level BPE from a GGUF file's metadata ([`bpe`]).
+//! Tokenizers of the real models: byte-level BPE from a GGUF file's metadata ([`bpe`]) and BERT's
+//! WordPiece ([`wordpiece`]).
 
 pub mod bpe;
 pub mod wordpiece;
@@ -33,4 +34,24 @@ pub fn bpe_from_gguf(g: &Gguf) -> Result<Bpe> {
         false => PreTokenizer::Gpt2,
     };
     Bpe::new(tokens, &types, &merges, pre).map_err(|e| Error::Msg(format!("{}: {e}", g.path())))
+}
+
+/// `text` cut so that every character matching `isolated` is a piece of its own, the runs between
+/// them pieces too (the `Isolated` split behaviour of Hugging Face's pre-tokenizers).
+pub(crate) fn split_isolated(text: &str, isolated: impl Fn(char) -> bool) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        if isolated(c) {
+            if start < i {
+                out.push(&text[start..i]);
+            }
+            out.push(&text[i..i + c.len_utf8()]);
+            start = i + c.len_utf8();
+        }
+    }
+    if start < text.len() {
+        out.push(&text[start..]);
+    }
+    out
 }

@@ -119,23 +119,9 @@ fn is_punctuation(c: char) -> bool {
 /// `BertPreTokenizer`: whitespace separates words and is dropped; each punctuation character is a
 /// word of its own.
 fn pre_tokenize(text: &str) -> Vec<&str> {
-    let mut words = Vec::new();
-    for chunk in text.split(char::is_whitespace) {
-        let mut start = 0;
-        for (i, c) in chunk.char_indices() {
-            if is_punctuation(c) {
-                if start < i {
-                    words.push(&chunk[start..i]);
-                }
-                words.push(&chunk[i..i + c.len_utf8()]);
-                start = i + c.len_utf8();
-            }
-        }
-        if start < chunk.len() {
-            words.push(&chunk[start..]);
-        }
-    }
-    words
+    text.split(char::is_whitespace)
+        .flat_map(|chunk| super::split_isolated(chunk, is_punctuation))
+        .collect()
 }
 
 /// The cleanup of tokenizers' `WordPiece` decoder, applied to each piece after its joining space is

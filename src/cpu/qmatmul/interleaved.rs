@@ -449,6 +449,29 @@ fn portable_tile(
     }
 }
 
+/// Calls the tile kernel `$tile::<INT4, ASYM, HALF, T>` that fits `$w`'s kind and the number of tokens
+/// in `$toks` (each instruction set's module has one such kernel).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_kind_and_tokens {
+    ($tile:ident, $half:ident, $w:expr, $t:expr, $acts:expr, $toks:expr, $y:expr) => {{
+        let i0 = $toks.start;
+        match ($w.kind, $toks.len()) {
+            (Kind::Int8, 1) => $tile::<false, false, $half, 1>($w, $t, $acts, i0, $y),
+            (Kind::Int8, 2) => $tile::<false, false, $half, 2>($w, $t, $acts, i0, $y),
+            (Kind::Int8, 3) => $tile::<false, false, $half, 3>($w, $t, $acts, i0, $y),
+            (Kind::Int8, _) => $tile::<false, false, $half, TB>($w, $t, $acts, i0, $y),
+            (Kind::Int4Sym, 1) => $tile::<true, false, $half, 1>($w, $t, $acts, i0, $y),
+            (Kind::Int4Sym, 2) => $tile::<true, false, $half, 2>($w, $t, $acts, i0, $y),
+            (Kind::Int4Sym, 3) => $tile::<true, false, $half, 3>($w, $t, $acts, i0, $y),
+            (Kind::Int4Sym, _) => $tile::<true, false, $half, TB>($w, $t, $acts, i0, $y),
+            (Kind::Int4Asym, 1) => $tile::<true, true, $half, 1>($w, $t, $acts, i0, $y),
+            (Kind::Int4Asym, 2) => $tile::<true, true, $half, 2>($w, $t, $acts, i0, $y),
+            (Kind::Int4Asym, 3) => $tile::<true, true, $half, 3>($w, $t, $acts, i0, $y),
+            (Kind::Int4Asym, _) => $tile::<true, true, $half, TB>($w, $t, $acts, i0, $y),
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{BlockActs, Interleaved, Kind, GROUP, TB, TILE_ROWS};
@@ -471,24 +494,8 @@ mod x86 {
         toks: Range<usize>,
         y: &mut [[f32; TILE_ROWS]; TB],
     ) {
-        let i0 = toks.start;
-        // SAFETY (every arm): the caller's promise, passed on.
-        unsafe {
-            match (w.kind, toks.len()) {
-                (Kind::Int8, 1) => tile::<false, false, HALF, 1>(w, t, acts, i0, y),
-                (Kind::Int8, 2) => tile::<false, false, HALF, 2>(w, t, acts, i0, y),
-                (Kind::Int8, 3) => tile::<false, false, HALF, 3>(w, t, acts, i0, y),
-                (Kind::Int8, _) => tile::<false, false, HALF, TB>(w, t, acts, i0, y),
-                (Kind::Int4Sym, 1) => tile::<true, false, HALF, 1>(w, t, acts, i0, y),
-                (Kind::Int4Sym, 2) => tile::<true, false, HALF, 2>(w, t, acts, i0, y),
-                (Kind::Int4Sym, 3) => tile::<true, false, HALF, 3>(w, t, acts, i0, y),
-                (Kind::Int4Sym, _) => tile::<true, false, HALF, TB>(w, t, acts, i0, y),
-                (Kind::Int4Asym, 1) => tile::<true, true, HALF, 1>(w, t, acts, i0, y),
-                (Kind::Int4Asym, 2) => tile::<true, true, HALF, 2>(w, t, acts, i0, y),
-                (Kind::Int4Asym, 3) => tile::<true, true, HALF, 3>(w, t, acts, i0, y),
-                (Kind::Int4Asym, _) => tile::<true, true, HALF, TB>(w, t, acts, i0, y),
-            }
-        }
+        // SAFETY: the caller's promise, passed on.
+        unsafe { by_kind_and_tokens!(tile, HALF, w, t, acts, toks, y) }
     }
 
     /// 16 floats at `p`: f16 (`HALF`) or f32.
@@ -628,24 +635,8 @@ mod x86_avx2 {
         toks: Range<usize>,
         y: &mut [[f32; TILE_ROWS]; TB],
     ) {
-        let i0 = toks.start;
-        // SAFETY (every arm): the caller's promise, passed on.
-        unsafe {
-            match (w.kind, toks.len()) {
-                (Kind::Int8, 1) => tile::<false, false, HALF, 1>(w, t, acts, i0, y),
-                (Kind::Int8, 2) => tile::<false, false, HALF, 2>(w, t, acts, i0, y),
-                (Kind::Int8, 3) => tile::<false, false, HALF, 3>(w, t, acts, i0, y),
-                (Kind::Int8, _) => tile::<false, false, HALF, TB>(w, t, acts, i0, y),
-                (Kind::Int4Sym, 1) => tile::<true, false, HALF, 1>(w, t, acts, i0, y),
-                (Kind::Int4Sym, 2) => tile::<true, false, HALF, 2>(w, t, acts, i0, y),
-                (Kind::Int4Sym, 3) => tile::<true, false, HALF, 3>(w, t, acts, i0, y),
-                (Kind::Int4Sym, _) => tile::<true, false, HALF, TB>(w, t, acts, i0, y),
-                (Kind::Int4Asym, 1) => tile::<true, true, HALF, 1>(w, t, acts, i0, y),
-                (Kind::Int4Asym, 2) => tile::<true, true, HALF, 2>(w, t, acts, i0, y),
-                (Kind::Int4Asym, 3) => tile::<true, true, HALF, 3>(w, t, acts, i0, y),
-                (Kind::Int4Asym, _) => tile::<true, true, HALF, TB>(w, t, acts, i0, y),
-            }
-        }
+        // SAFETY: the caller's promise, passed on.
+        unsafe { by_kind_and_tokens!(tile, HALF, w, t, acts, toks, y) }
     }
 
     /// 8 floats at `p`: f16 (`HALF`) or f32.
