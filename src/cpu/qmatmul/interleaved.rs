@@ -276,22 +276,13 @@ pub fn matmul(w: &Interleaved, x: &[f32], m: usize, out: &mut [f32], isa: QIsa) 
     if m == 0 || w.rows == 0 {
         return;
     }
-    let acts = BlockActs::quantize(x, m, w.cols);
-    // Two tasks per thread for one token (microseconds of work: scheduling more costs more than the
-    // balance gains), eight for more.
-    let threads = rayon::current_num_threads().max(1);
-    let per_thread = if m == 1 { 2 } else { 8 };
-    let chunk = w.tiles.div_ceil(threads * per_thread).max(1);
     if m == 1 {
-        out[..w.rows]
-            .par_chunks_mut(chunk * TILE_ROWS)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let ld = o.len();
-                run_tiles(w, &acts, c * chunk..(c + 1) * chunk, o, ld, isa);
-            });
-        return;
+        return matvec_many(&[w], &x[..w.cols], &mut [&mut out[..w.rows]], isa);
     }
+    let acts = BlockActs::quantize(x, m, w.cols);
+    // Eight tasks per thread: several tokens are enough work per task to balance finely.
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = w.tiles.div_ceil(threads * 8).max(1);
     let tasks = w.tiles.div_ceil(chunk);
     let parts: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
@@ -323,6 +314,8 @@ pub fn matvec_many(ws: &[&Interleaved], x: &[f32], outs: &mut [&mut [f32]], isa:
     assert!(QIsa::available().contains(&isa) && ws.len() == outs.len());
     assert!(ws.iter().all(|w| w.cols == x.len()));
     let acts = BlockActs::quantize(x, 1, x.len());
+    // Two tasks per thread: one token is microseconds of work, and scheduling more tasks costs more
+    // than the balance gains.
     let threads = rayon::current_num_threads().max(1);
     let tiles: usize = ws.iter().map(|w| w.tiles).sum();
     let chunk = tiles.div_ceil(threads * 2).max(1);
