@@ -234,6 +234,7 @@ fn input_grads(op: &Op, out: &Tensor, g: &Tensor) -> Result<Vec<(Tensor, Tensor)
         }
         Op::Broadcast(x) => vec![(x.clone(), sum_to(g, x.dims())?)],
         Op::ToDType(x) => vec![(x.clone(), g.to_dtype(x.dtype())?)],
+        Op::ToDevice(x) => vec![(x.clone(), g.to_device(x.device())?)],
         Op::Cat(ts, dim) => {
             let mut start = 0;
             let mut v = Vec::with_capacity(ts.len());

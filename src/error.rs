@@ -35,6 +35,9 @@ pub enum Error {
     },
     #[error("no CUDA device: {0}")]
     NoCudaDevice(String),
+    /// A CUDA driver or cuBLAS call failed (launch failure, out of memory, a fault reported at a sync point).
+    #[error("cuda {op}: {msg}")]
+    Cuda { op: &'static str, msg: String },
     #[error("{op}: tensors live on different devices ({lhs} vs {rhs})")]
     DeviceMismatch {
         op: &'static str,

@@ -15,6 +15,8 @@
 
 pub mod backprop;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod io;
@@ -28,6 +30,7 @@ pub mod rng;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
+pub mod transfers;
 
 pub use backprop::GradStore;
 pub use dtype::DType;

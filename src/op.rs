@@ -100,6 +100,36 @@ pub enum ReduceOp {
     Min,
 }
 
+/// The softmax variants over the last dim (one kernel family on each backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SoftmaxKind {
+    Plain,
+    Log,
+    /// Causal over `[.., queries, keys]` blocks with this many query rows per block.
+    Causal(usize),
+}
+
+/// The scalars of one AdamW update (`bc1`, `bc2` are the bias corrections 1 − βᵗ of this step).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub bc1: f32,
+    pub bc2: f32,
+}
+
+/// The scalars of one SGD-with-momentum update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub nesterov: bool,
+}
+
 /// A fused op with its own backward (norms, softmax, cross-entropy, RoPE, ...). Each lives in `src/ops/`
 /// next to its forward.
 pub trait CustomBackward: Send + Sync {
@@ -128,6 +158,8 @@ pub enum Op {
     Broadcast(Tensor),
     Copy(Tensor),
     ToDType(Tensor),
+    /// A copy to another device: the gradient is copied back.
+    ToDevice(Tensor),
     Cat(Vec<Tensor>, usize),
     IndexSelect(Tensor, Tensor, usize),
     /// index_add(base, ids, src, dim): base with src rows added at ids along dim.
@@ -150,7 +182,8 @@ impl Op {
             | Op::Narrow(a, _, _)
             | Op::Broadcast(a)
             | Op::Copy(a)
-            | Op::ToDType(a) => vec![a],
+            | Op::ToDType(a)
+            | Op::ToDevice(a) => vec![a],
             Op::Binary(a, b, _)
             | Op::Matmul(a, b)
             | Op::IndexSelect(a, b, _)

@@ -213,7 +213,6 @@ impl Tensor {
         shape: impl Into<Shape>,
         device: Device,
     ) -> Result<Tensor> {
-        device.check()?;
         let shape = shape.into();
         if data.len() != shape.elem_count() {
             return Err(Error::InvalidArgument {
@@ -222,7 +221,7 @@ impl Tensor {
             });
         }
         Ok(Tensor::from_storage(
-            Storage::Cpu(T::into_storage(data)),
+            Storage::from_cpu(T::into_storage(data), device)?,
             shape,
             None,
         ))
@@ -244,10 +243,9 @@ impl Tensor {
         dtype: DType,
         device: Device,
     ) -> Result<Tensor> {
-        device.check()?;
         let shape = shape.into();
-        let storage = CpuStorage::from_f32(vec![value; shape.elem_count()], dtype);
-        Ok(Tensor::from_storage(Storage::Cpu(storage), shape, None))
+        let storage = Storage::full(value, shape.elem_count(), dtype, device)?;
+        Ok(Tensor::from_storage(storage, shape, None))
     }
 
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
@@ -330,7 +328,7 @@ impl Tensor {
 
     /// A trainable parameter holding a private contiguous copy of this tensor's values.
     pub fn var(&self) -> Result<Tensor> {
-        let storage = self.storage().copy_strided(self.layout());
+        let storage = self.storage().copy_strided(self.layout())?;
         Ok(Tensor(Arc::new(Inner {
             id: TensorId::new(),
             storage: Arc::new(RwLock::new(storage)),
@@ -357,14 +355,15 @@ impl Tensor {
                 rhs: value.dims().to_vec(),
             });
         }
-        let new = value.storage().to_dtype(value.layout(), self.dtype());
+        let value = value.to_device(self.device())?;
+        let new = value.storage().to_dtype(value.layout(), self.dtype())?;
         *self.0.storage.write().unwrap_or_else(|e| e.into_inner()) = new;
         Ok(())
     }
 
     /// A private owned copy (not sharing storage or a memory map), with no graph.
     pub fn copy(&self) -> Result<Tensor> {
-        let storage = self.storage().copy_strided(self.layout());
+        let storage = self.storage().copy_strided(self.layout())?;
         Ok(Tensor::from_storage(storage, self.shape().clone(), None))
     }
 
@@ -379,14 +378,27 @@ impl Tensor {
             );
         }
         let mut guard = self.0.storage.write().unwrap_or_else(|e| e.into_inner());
-        let Storage::Cpu(cpu) = &mut *guard;
-        if !matches!(cpu, CpuStorage::F32(_)) {
-            *cpu = CpuStorage::F32(cpu.to_f32_vec(self.layout()));
+        match &mut *guard {
+            Storage::Cpu(cpu) => Ok(f(cpu.f32_mut("update_in_place")?)),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => crate::bail!(
+                "update_in_place",
+                "the variable lives on {}; host closures can only update CPU tensors",
+                self.device()
+            ),
         }
-        let CpuStorage::F32(v) = cpu else {
-            unreachable!("converted above")
-        };
-        Ok(f(v))
+    }
+
+    /// Runs `f` on a variable's storage behind its write lock (the optimizers' fused device updates).
+    pub(crate) fn with_storage_mut<R>(
+        &self,
+        f: impl FnOnce(&mut Storage) -> Result<R>,
+    ) -> Result<R> {
+        if !self.is_variable() {
+            crate::bail!("update", "only variables can be updated in place");
+        }
+        let mut guard = self.0.storage.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
     }
 
     /// The same values with no graph: gradients stop here.
@@ -410,26 +422,61 @@ impl Tensor {
                 rhs: T::DTYPE,
             });
         }
-        Ok(T::from_storage(self.storage().cpu(), self.layout()))
+        let storage = self.storage();
+        let (host, layout) = storage.host_view(self.layout())?;
+        Ok(T::from_storage(&host, &layout))
     }
 
     /// The elements converted to f32, row-major, whatever the dtype.
+    ///
+    /// # Panics
+    /// When a GPU tensor cannot be copied back (a device fault); [`Tensor::try_to_vec_f32`] returns that
+    /// as an error instead.
     pub fn to_vec_f32(&self) -> Vec<f32> {
+        self.try_to_vec_f32()
+            .unwrap_or_else(|e| panic!("to_vec_f32 on {}: {e}", self.device()))
+    }
+
+    /// The elements converted to f32, row-major; a GPU tensor is copied back (errors are device faults).
+    pub fn try_to_vec_f32(&self) -> Result<Vec<f32>> {
         self.storage().to_f32_vec(self.layout())
     }
 
-    /// Runs `f` on the elements as a row-major f32 slice: borrowed in place for contiguous f32 tensors (the
-    /// optimizers' per-step gradient reads), converted into a temporary otherwise.
-    pub(crate) fn with_f32_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+    /// Runs a host kernel `f` on the elements as a row-major f32 slice: borrowed in place for contiguous
+    /// f32 tensors (the optimizers' per-step gradient reads), converted into a temporary otherwise. GPU
+    /// tensors are an error naming `op`: host kernels never copy device data back silently.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub(crate) fn with_f32_slice<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R> {
         let storage = self.storage();
-        match (storage.cpu().as_f32(), self.layout().contiguous_range()) {
-            (Some(v), Some(range)) => f(&v[range]),
-            _ => f(&storage.to_f32_vec(self.layout())),
+        match &*storage {
+            Storage::Cpu(cpu) => match (cpu.as_f32(), self.layout().contiguous_range()) {
+                (Some(v), Some(range)) => Ok(f(&v[range])),
+                _ => Ok(f(&cpu.to_f32_vec(self.layout()))),
+            },
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => crate::bail!(
+                op,
+                "runs on the CPU, but this tensor lives on {}",
+                self.device()
+            ),
         }
     }
 
     /// The elements as i64 (index tensors), row-major.
+    ///
+    /// # Panics
+    /// When a GPU tensor cannot be copied back; [`Tensor::try_to_vec_i64`] returns that as an error.
     pub fn to_vec_i64(&self) -> Vec<i64> {
+        self.try_to_vec_i64()
+            .unwrap_or_else(|e| panic!("to_vec_i64 on {}: {e}", self.device()))
+    }
+
+    /// The elements as i64, row-major; a GPU tensor is copied back.
+    pub fn try_to_vec_i64(&self) -> Result<Vec<i64>> {
         self.storage().to_i64_vec(self.layout())
     }
 
@@ -461,14 +508,31 @@ impl Tensor {
     }
 
     /// Little-endian bytes of the elements in row-major order (serialisation).
-    pub fn to_le_bytes(&self) -> Vec<u8> {
-        self.storage().cpu().to_le_bytes(self.layout())
+    pub fn to_le_bytes(&self) -> Result<Vec<u8>> {
+        let storage = self.storage();
+        let (host, layout) = storage.host_view(self.layout())?;
+        Ok(host.to_le_bytes(&layout))
     }
 
-    /// Copies to `device` (a no-op clone when already there).
+    /// Copies to `device` (a no-op clone when already there). A variable's copy is a new variable on
+    /// `device` (moving parameters); any other copy records the move, so gradients flow back to the source.
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
-        device.check()?;
-        Ok(self.clone())
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let storage = self.storage().to_device(self.layout(), device)?;
+        if self.is_variable() {
+            return Ok(Tensor(Arc::new(Inner {
+                id: TensorId::new(),
+                storage: Arc::new(RwLock::new(storage)),
+                layout: Layout::contiguous(self.shape().clone()),
+                dtype: self.dtype(),
+                op: None,
+                is_variable: true,
+            })));
+        }
+        let op = self.dtype().is_float().then(|| Op::ToDevice(self.clone()));
+        Ok(Tensor::from_storage(storage, self.shape().clone(), op))
     }
 
     // ---- views ----
@@ -627,7 +691,7 @@ impl Tensor {
         if self.layout().is_contiguous() {
             return Ok(self.clone());
         }
-        let storage = self.storage().copy_strided(self.layout());
+        let storage = self.storage().copy_strided(self.layout())?;
         Ok(Tensor::from_storage(
             storage,
             self.shape().clone(),
@@ -639,7 +703,7 @@ impl Tensor {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
-        let storage = self.storage().to_dtype(self.layout(), dtype);
+        let storage = self.storage().to_dtype(self.layout(), dtype)?;
         let op = (dtype.is_float() && self.dtype().is_float()).then(|| Op::ToDType(self.clone()));
         Ok(Tensor::from_storage(storage, self.shape().clone(), op))
     }

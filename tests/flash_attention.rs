@@ -588,14 +588,18 @@ fn check(what: &str, got: &[f32], want: &[f64], mag: &[f64]) -> std::result::Res
     }
 }
 
-/// Runs flash attention forward and backward (loss Σ o ∘ r) on `isa`: (o, dq, dk, dv).
-fn run(isa: Isa, c: &Case, x: &Inputs) -> Result<[Vec<f32>; 4]> {
+/// Runs flash attention forward and backward (loss Σ o ∘ r) on `isa`, or the composed path of primitive
+/// ops (the GPU's) when `isa` is `None`: (o, dq, dk, dv).
+fn run(isa: Option<Isa>, c: &Case, x: &Inputs) -> Result<[Vec<f32>; 4]> {
     let (b, h, d) = (c.batch, c.heads(), c.head_dim);
     let q = tensor(x.q.clone(), &[b, c.q_len, h, d]).var()?;
     let k = tensor(x.k.clone(), &[b, c.kv_len, c.kv_heads, d]).var()?;
     let v = tensor(x.v.clone(), &[b, c.kv_len, c.kv_heads, d]).var()?;
     let r = tensor(x.r.clone(), &[b, c.q_len, h, d]);
-    let o = q.flash_attention_with_isa(isa, &k, &v, &options(c, x))?;
+    let o = match isa {
+        Some(isa) => q.flash_attention_with_isa(isa, &k, &v, &options(c, x))?,
+        None => q.attention_composed(&k, &v, &options(c, x))?,
+    };
     assert_eq!(o.dims(), q.dims());
     let grads = o.mul(&r)?.sum_all()?.backward()?;
     let g = |t: &Tensor| {
@@ -607,10 +611,10 @@ fn run(isa: Isa, c: &Case, x: &Inputs) -> Result<[Vec<f32>; 4]> {
     Ok([o.to_vec_f32(), g(&q), g(&k), g(&v)])
 }
 
-/// Runs one case (with `x` its inputs) on every ISA against the reference.
+/// Runs one case (with `x` its inputs) on every ISA and on the composed path against the reference.
 fn check_case(c: &Case, x: &Inputs) -> std::result::Result<(), String> {
     let want = reference(c, x);
-    for isa in Isa::available() {
+    for isa in Isa::available().into_iter().map(Some).chain([None]) {
         let [o, dq, dk, dv] = run(isa, c, x).map_err(|e| format!("{isa:?} {c:?}: {e}"))?;
         for (what, got, want, mag) in [
             ("output", &o, &want.o, &want.o_mag),
@@ -627,7 +631,8 @@ fn check_case(c: &Case, x: &Inputs) -> std::result::Result<(), String> {
 proptest! {
     #![proptest_config(config(24))]
 
-    /// Forward output and the gradients of q, k and v match the f64 reference on every ISA.
+    /// Forward output and the gradients of q, k and v match the f64 reference on every ISA, and so do
+    /// those of the composed path the GPU takes.
     #[test]
     fn matches_the_f64_reference_on_every_isa(c in cases()) {
         let res = check_case(&c, &inputs(&c));
@@ -1149,10 +1154,10 @@ fn repeatable_and_consistent_across_isas_and_thread_counts() -> Result<()> {
         seed: 42,
     };
     let x = inputs(&c);
-    let portable = run(Isa::Portable, &c, &x)?;
+    let portable = run(Some(Isa::Portable), &c, &x)?;
     for isa in Isa::available() {
-        let first = run(isa, &c, &x)?;
-        let again = run(isa, &c, &x)?;
+        let first = run(Some(isa), &c, &x)?;
+        let again = run(Some(isa), &c, &x)?;
         for (n, (a, b)) in first.iter().zip(&again).enumerate() {
             assert!(
                 a == b,
@@ -1174,8 +1179,8 @@ fn repeatable_and_consistent_across_isas_and_thread_counts() -> Result<()> {
             .num_threads(threads)
             .build()
             .unwrap();
-        let got = pool.install(|| run(Isa::best(), &c, &x))?;
-        let again = pool.install(|| run(Isa::best(), &c, &x))?;
+        let got = pool.install(|| run(Some(Isa::best()), &c, &x))?;
+        let again = pool.install(|| run(Some(Isa::best()), &c, &x))?;
         assert!(
             got == again,
             "{threads} threads: results changed between calls"

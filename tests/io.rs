@@ -47,7 +47,7 @@ fn tensors_round_trip_every_dtype_and_views() {
         let l = &loaded[name];
         assert_eq!(l.dims(), t.dims(), "{name}");
         assert_eq!(l.dtype(), t.dtype(), "{name}");
-        assert_eq!(l.to_le_bytes(), t.to_le_bytes(), "{name}");
+        assert_eq!(l.to_le_bytes().unwrap(), t.to_le_bytes().unwrap(), "{name}");
     }
     assert_eq!(
         loaded["f32_t"].to_vec::<f32>().unwrap()[..4],

@@ -7,6 +7,7 @@ pub mod index;
 pub mod kv_attention;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod qmatmul;
 pub mod reduce;
 pub mod rope;
@@ -195,6 +196,24 @@ impl CpuStorage {
             DType::I32 => CpuStorage::I32(par_map(&values, |x| x as i32)),
             DType::I8 => CpuStorage::I8(par_map(&values, |x| x as i8)),
             DType::U8 => CpuStorage::U8(par_map(&values, |x| x as u8)),
+        }
+    }
+
+    /// The elements as a mutable f32 slice (a memory-mapped f32 tensor is copied into memory first);
+    /// other dtypes are an error naming `op`.
+    pub fn f32_mut(&mut self, op: &'static str) -> crate::Result<&mut [f32]> {
+        if let CpuStorage::Mapped {
+            dtype: DType::F32, ..
+        } = self
+        {
+            *self = CpuStorage::F32(self.as_f32().expect("f32 checked").to_vec());
+        }
+        match self {
+            CpuStorage::F32(v) => Ok(v),
+            other => Err(crate::Error::UnsupportedDType {
+                op,
+                dtype: other.dtype(),
+            }),
         }
     }
 

@@ -52,7 +52,10 @@ pub fn save(
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, t)| t.to_le_bytes()).collect();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, t)| t.to_le_bytes())
+        .collect::<Result<_>>()?;
     let entries: Vec<WriteEntry> = tensors
         .iter()
         .zip(&bytes)

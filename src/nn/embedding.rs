@@ -102,7 +102,7 @@ impl Embedding {
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, d))?;
         let y = match &self.weight {
-            Table::Dense(w) => x2.matmul(&w.t()?)?,
+            Table::Dense(w) => x2.matmul(&super::linear::cast_like(w, x)?.t()?)?,
             Table::Packed(p) => packed_forward("Embedding::unembed", p, &x2)?,
         };
         y.reshape([lead, &[self.vocab()]].concat())

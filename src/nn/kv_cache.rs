@@ -329,8 +329,8 @@ impl KvCache {
                 streams.iter_mut().zip(x.chunks(per_stream)).for_each(one);
             }
         };
-        k.with_f32_slice(|x| push(&mut self.k, x));
-        v.with_f32_slice(|x| push(&mut self.v, x));
+        k.with_f32_slice("kv_cache", |x| push(&mut self.k, x))?;
+        v.with_f32_slice("kv_cache", |x| push(&mut self.v, x))?;
         self.len += want[2];
         Ok(())
     }
@@ -425,9 +425,9 @@ impl KvCache {
             head_dim: d,
             len: self.len,
         };
-        let out = q.with_f32_slice(|x| {
+        let out = q.with_f32_slice("kv_cache", |x| {
             kv_attention::attend(opts.isa, x, (b, q_heads, q_len), &kv, scale, opts.chunk)
-        });
+        })?;
         Tensor::from_vec(out, (b, q_heads, q_len, d), Device::Cpu)?.to_dtype(q.dtype())
     }
 }

@@ -16,6 +16,16 @@ enum Weight {
     Packed(PackedParam),
 }
 
+/// `p` in `x`'s float dtype: mixed precision keeps f32 master weights and computes in the activations'
+/// dtype (bf16), the cast being part of the graph so gradients reach the f32 weights.
+pub(crate) fn cast_like(p: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if p.dtype() == x.dtype() || !x.dtype().is_float() {
+        Ok(p.clone())
+    } else {
+        p.to_dtype(x.dtype())
+    }
+}
+
 /// A linear map with an optional bias. Parameters: `weight` [out, in] and, with a bias, `bias` [out].
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -214,11 +224,11 @@ impl Linear {
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
         let y = match &self.weight {
-            Weight::Dense(w) => x2.matmul(&w.t()?)?,
+            Weight::Dense(w) => x2.matmul(&cast_like(w, x)?.t()?)?,
             Weight::Packed(p) => packed_forward("Linear::forward", p, &x2)?,
         };
         let y = match &self.bias {
-            Some(b) => y.add(b)?,
+            Some(b) => y.add(&cast_like(b, &y)?)?,
             None => y,
         };
         y.reshape([lead, &[self.out_dim()]].concat())

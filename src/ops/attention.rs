@@ -137,9 +137,10 @@ impl CustomBackward for AttentionBackward {
             unreachable!("recorded with q, k, v")
         };
         let p = self.problem();
-        let (dq, dk, dv) = with_f32_inputs(&[q, kk, v, out, grad], |x| {
-            k::backward(self.isa, &p, x[0], x[1], x[2], x[3], &self.lse, x[4])
-        });
+        let (dq, dk, dv) =
+            with_f32_inputs("flash_attention backward", &[q, kk, v, out, grad], |x| {
+                k::backward(self.isa, &p, x[0], x[1], x[2], x[3], &self.lse, x[4])
+            })?;
         let wrap = |g: Vec<f32>, like: &Tensor| {
             Tensor::from_storage(
                 Storage::Cpu(crate::cpu::CpuStorage::from_f32(g, like.dtype())),
@@ -153,6 +154,136 @@ impl CustomBackward for AttentionBackward {
             Some(wrap(dv, v)),
         ])
     }
+}
+
+/// Which keys each query sees, as the CPU kernel reads `AttentionOptions` (host copies of the masks).
+struct Mask<'a> {
+    causal: bool,
+    window: Option<usize>,
+    key_valid: Option<&'a [u8]>,
+    segments: Option<&'a [i64]>,
+}
+
+impl Mask<'_> {
+    /// True when nothing but (q_len ≤ kv_len) causality restricts the keys.
+    fn causal_only(&self, sq: usize, sk: usize) -> bool {
+        self.causal
+            && sq <= sk
+            && self.window.is_none()
+            && self.key_valid.is_none()
+            && self.segments.is_none()
+    }
+
+    /// visible[b][i][j] for query i (at key position t = i + sk − sq) and key j.
+    fn visible(&self, b: usize, sq: usize, sk: usize) -> Vec<bool> {
+        let mut vis = vec![false; b * sq * sk];
+        for bi in 0..b {
+            // Documents are maximal runs of equal consecutive ids.
+            let doc: Option<Vec<usize>> = self.segments.map(|s| {
+                let row = &s[bi * sk..(bi + 1) * sk];
+                let mut id = 0;
+                (0..sk)
+                    .map(|j| {
+                        if j > 0 && row[j] != row[j - 1] {
+                            id += 1;
+                        }
+                        id
+                    })
+                    .collect()
+            });
+            for i in 0..sq {
+                let t = i as isize + sk as isize - sq as isize;
+                for j in 0..sk {
+                    let ji = j as isize;
+                    let mut ok = !self.causal || (t >= 0 && ji <= t);
+                    if let Some(w) = self.window {
+                        let w = w as isize;
+                        ok &= ji > t - w && (self.causal || ji < t + w);
+                    }
+                    if let Some(kv) = self.key_valid {
+                        ok &= kv[bi * sk + j] != 0;
+                    }
+                    if let Some(doc) = &doc {
+                        ok &= t >= 0 && doc[j] == doc[t as usize];
+                    }
+                    vis[(bi * sq + i) * sk + j] = ok;
+                }
+            }
+        }
+        vis
+    }
+}
+
+/// Attention from primitive ops, for devices without a fused kernel (the GPU until its flash kernel
+/// lands): RoPE, grouped heads expanded, softmax(q·kᵀ·scale + mask)·v; autograd differentiates it.
+/// Rows that see no key output zeros, as the CPU kernel's do.
+fn composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rotary: Option<Rotary<'_>>,
+    mask: &Mask<'_>,
+    scale: f32,
+) -> Result<Tensor> {
+    let (&[b, sq, h, d], &[_, sk, hkv, _]) = (q.dims(), k.dims()) else {
+        unreachable!("shapes checked by flash_attention")
+    };
+    let dev = q.device();
+    let mut q = q.transpose(1, 2)?;
+    let mut k = k.transpose(1, 2)?;
+    let mut v = v.transpose(1, 2)?;
+    if let Some(r) = rotary {
+        let pos = r.positions;
+        k = k.rope(r.table, pos)?;
+        q = if sq == sk {
+            q.rope(r.table, pos)?
+        } else {
+            q.rope(r.table, &pos.narrow(pos.rank() - 1, sk - sq, sq)?)?
+        };
+    }
+    if hkv != h {
+        let expand = |t: &Tensor| -> Result<Tensor> {
+            t.unsqueeze(2)?
+                .broadcast_as([b, hkv, h / hkv, sk, d])?
+                .reshape((b, h, sk, d))
+        };
+        k = expand(&k)?;
+        v = expand(&v)?;
+    }
+    let scores = q.matmul(&k.t()?)?.mul_scalar(scale)?;
+    let probs = if mask.causal_only(sq, sk) {
+        scores.causal_softmax()?
+    } else if !mask.causal
+        && mask.window.is_none()
+        && mask.key_valid.is_none()
+        && mask.segments.is_none()
+    {
+        scores.softmax(-1)?
+    } else {
+        let vis = mask.visible(b, sq, sk);
+        let row_any: Vec<f32> = vis
+            .chunks(sk.max(1))
+            .map(|r| f32::from(u8::from(r.iter().any(|&x| x))))
+            .collect();
+        // Rows with no visible key get no −∞ (so their softmax stays finite) and are zeroed below.
+        let bias: Vec<f32> = vis
+            .chunks(sk.max(1))
+            .zip(&row_any)
+            .flat_map(|(r, &any)| {
+                r.iter().map(move |&ok| {
+                    if ok || any == 0.0 {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, sq, sk), dev)?.to_dtype(scores.dtype())?;
+        let keep = Tensor::from_vec(row_any, (b, 1, sq, 1), dev)?.to_dtype(scores.dtype())?;
+        scores.add(&bias)?.softmax(-1)?.mul(&keep)?
+    };
+    probs.matmul(&v)?.transpose(1, 2)?.contiguous()
 }
 
 impl Tensor {
@@ -171,7 +302,7 @@ impl Tensor {
     }
 
     /// [`Tensor::flash_attention`] on an explicit instruction set (tests, benchmarks); an ISA this CPU
-    /// lacks is an error.
+    /// lacks is an error. GPU tensors take the composed path.
     pub fn flash_attention_with_isa(
         &self,
         isa: Isa,
@@ -179,8 +310,32 @@ impl Tensor {
         v: &Tensor,
         opts: &AttentionOptions,
     ) -> Result<Tensor> {
+        self.attention_impl(Some(isa), kt, v, opts)
+    }
+
+    /// The same attention built from primitive ops (matmul, softmax, RoPE, masks), materialising the
+    /// [batch, heads, q_len, kv_len] scores: the reference for the fused kernels, and the GPU's path
+    /// until its flash kernel lands. Differentiable through autograd.
+    pub fn attention_composed(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        opts: &AttentionOptions,
+    ) -> Result<Tensor> {
+        self.attention_impl(None, k, v, opts)
+    }
+
+    /// Checks the problem once, then runs the CPU flash kernel on `isa`, or the composed path when
+    /// `isa` is `None` or the tensors live on a GPU.
+    fn attention_impl(
+        &self,
+        isa: Option<Isa>,
+        kt: &Tensor,
+        v: &Tensor,
+        opts: &AttentionOptions,
+    ) -> Result<Tensor> {
         const OP: &str = "flash_attention";
-        if !Isa::available().contains(&isa) {
+        if let Some(isa) = isa.filter(|i| !Isa::available().contains(i)) {
             crate::bail!(OP, "this CPU cannot run the {isa:?} kernels");
         }
         let (&[b, sq, h, d], &[bk, sk, hkv, dk]) = (self.dims(), kt.dims()) else {
@@ -233,13 +388,36 @@ impl Tensor {
         if opts.segments.is_some_and(|s| s.dtype().is_float()) {
             crate::bail!(OP, "segments must be integer document ids");
         }
-        let key_valid = opts.key_padding.map(|t| {
-            t.to_vec_f32()
-                .iter()
-                .map(|&x| u8::from(x != 0.0))
-                .collect::<Vec<u8>>()
-        });
-        let segments = opts.segments.map(Tensor::to_vec_i64);
+        let key_valid = match opts.key_padding {
+            Some(t) => Some(
+                t.try_to_vec_f32()?
+                    .iter()
+                    .map(|&x| u8::from(x != 0.0))
+                    .collect::<Vec<u8>>(),
+            ),
+            None => None,
+        };
+        let segments = opts.segments.map(Tensor::try_to_vec_i64).transpose()?;
+        let isa = match isa {
+            Some(isa) if !self.device().is_cuda() => isa,
+            _ => {
+                if let Some(r) = opts.rotary {
+                    if r.table.head_dim() != d || sq > sk {
+                        crate::bail!(
+                        OP,
+                        "rotary needs a table for head_dim {d} and q_len ({sq}) ≤ kv_len ({sk})"
+                    );
+                    }
+                }
+                let mask = Mask {
+                    causal: opts.causal,
+                    window: opts.window,
+                    key_valid: key_valid.as_deref(),
+                    segments: segments.as_deref(),
+                };
+                return composed(self, kt, v, opts.rotary, &mask, scale);
+            }
+        };
         let rotary = match opts.rotary {
             None => None,
             Some(r) => {
@@ -279,7 +457,9 @@ impl Tensor {
             rotary.as_ref().map(|(t, p)| (t, p.as_slice())),
             scale,
         );
-        let (out, lse) = with_f32_inputs(&[self, kt, v], |x| k::forward(isa, &p, x[0], x[1], x[2]));
+        let (out, lse) = with_f32_inputs(OP, &[self, kt, v], |x| {
+            k::forward(isa, &p, x[0], x[1], x[2])
+        })?;
         let dtype = if self.dtype().is_float() {
             self.dtype()
         } else {

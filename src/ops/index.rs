@@ -14,7 +14,7 @@ fn indices(ids: &Tensor, size: usize, op: &'static str) -> Result<Vec<i64>> {
             dtype: ids.dtype(),
         });
     }
-    let v = ids.to_vec_i64();
+    let v = ids.try_to_vec_i64()?;
     if let Some(&bad) = v.iter().find(|&&i| i < 0 || i as usize >= size) {
         return Err(Error::IndexOutOfRange {
             op,
@@ -47,7 +47,7 @@ impl Tensor {
         let src = self.contiguous()?;
         let storage = src
             .storage()
-            .index_select(src.layout(), (outer, size, inner), &idx);
+            .index_select(src.layout(), (outer, size, inner), &idx)?;
         let mut shape = self.dims().to_vec();
         shape[d] = idx.len();
         Ok(Tensor::from_storage(
@@ -86,7 +86,7 @@ impl Tensor {
             src.layout(),
             (outer, size, inner),
             &idx,
-        );
+        )?;
         Ok(Tensor::from_storage(
             storage,
             self.shape().clone(),
@@ -102,7 +102,7 @@ impl Tensor {
         let idx = indices(ids, size, "gather")?;
         let storage =
             self.storage()
-                .gather(self.layout(), (outer, size, inner), &idx, ids.dims()[d]);
+                .gather(self.layout(), (outer, size, inner), &idx, ids.dims()[d])?;
         Ok(Tensor::from_storage(
             storage,
             ids.shape().clone(),
@@ -130,7 +130,7 @@ impl Tensor {
             (outer, size, inner),
             &idx,
             ids.dims()[d],
-        );
+        )?;
         Ok(Tensor::from_storage(
             storage,
             self.shape().clone(),
@@ -174,7 +174,7 @@ impl Tensor {
             .zip(&parts)
             .map(|(g, t)| (&**g, t.layout()))
             .collect();
-        let storage = Storage::cat(&views, &sizes, outer, inner);
+        let storage = Storage::cat(&views, &sizes, outer, inner)?;
         let mut shape = first.dims().to_vec();
         shape[d] = sizes.iter().sum();
         Ok(Tensor::from_storage(

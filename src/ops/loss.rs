@@ -1,15 +1,15 @@
 //! Fused, numerically stable cross-entropy with ignore_index.
 
-use super::fused_kernel;
-use crate::cpu::softmax as k;
 use crate::error::{Error, Result};
 use crate::op::{CustomBackward, Op};
 use crate::tensor::Tensor;
 use std::sync::Arc;
 
 struct CrossEntropyBackward {
-    targets: Vec<i64>,
-    lse: Vec<f32>,
+    /// i32 targets with ignored rows as −1, and the forward's per-row log-sum-exp (f32), both on the
+    /// logits' device.
+    targets: Tensor,
+    lse: Tensor,
     kept: usize,
 }
 
@@ -26,10 +26,14 @@ impl CustomBackward for CrossEntropyBackward {
     ) -> Result<Vec<Option<Tensor>>> {
         let logits = &inputs[0];
         let v = *logits.dims().last().expect("checked in forward");
-        let scale = grad.to_scalar()? / self.kept.max(1) as f32;
-        let storage = fused_kernel(&[logits], logits.dtype(), |x| {
-            k::cross_entropy_backward(x[0], v, &self.targets, &self.lse, scale)
-        })?;
+        let grad = grad.to_device(logits.device())?;
+        let storage = logits.storage().cross_entropy_backward(
+            logits.layout(),
+            v,
+            (&self.targets.storage(), &self.lse.storage()),
+            (&grad.storage(), grad.layout()),
+            self.kept,
+        )?;
         Ok(vec![Some(Tensor::from_storage(
             storage,
             logits.shape().clone(),
@@ -59,7 +63,7 @@ impl Tensor {
                 dtype: targets.dtype(),
             });
         }
-        let mut t = targets.to_vec_i64();
+        let mut t = targets.try_to_vec_i64()?;
         for x in t.iter_mut() {
             if Some(*x) == ignore_index {
                 *x = -1;
@@ -72,22 +76,17 @@ impl Tensor {
             }
         }
         let kept = t.iter().filter(|&&x| x >= 0).count();
-        let mut lse = Vec::new();
-        let storage = fused_kernel(&[self], self.dtype(), |x| {
-            let (total, l) = k::cross_entropy_forward(x[0], v, &t);
-            lse = l;
-            // Float sums start at -0.0; an all-ignored batch reports a plain 0.
-            vec![if kept == 0 {
-                0.0
-            } else {
-                (total / kept as f64) as f32
-            }]
-        })?;
+        let rows = t.len();
+        let t: Vec<i32> = t.into_iter().map(|x| x as i32).collect();
+        let targets = Tensor::from_vec(t, rows, self.device())?;
+        let (storage, lse) =
+            self.storage()
+                .cross_entropy(self.layout(), v, &targets.storage(), kept)?;
         let op = Op::Custom(
             vec![self.clone()],
             Arc::new(CrossEntropyBackward {
-                targets: t,
-                lse,
+                targets,
+                lse: Tensor::from_storage(lse, rows, None),
                 kept,
             }),
         );

@@ -12,37 +12,34 @@ pub mod reduce;
 pub mod rope;
 pub mod softmax;
 
-use crate::dtype::DType;
 use crate::error::Result;
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 
-/// Runs a fused op's f32 kernel on row-major views of `inputs` and stores the result as `dtype`
-/// (borrowing f32 contiguous inputs, widening the rest).
+/// Runs a CPU-only fused kernel (the QAT quantizers) on row-major f32 views of `inputs` and stores the
+/// result as `dtype`; GPU inputs are an error naming `op`.
 pub(crate) fn fused_kernel(
+    op: &'static str,
     inputs: &[&Tensor],
-    dtype: DType,
+    dtype: crate::DType,
     f: impl FnOnce(&[&[f32]]) -> Vec<f32>,
 ) -> Result<Storage> {
-    let guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
-    Storage::f32_kernel(&pairs(&guards, inputs), dtype, f)
+    let out = with_f32_inputs(op, inputs, f)?;
+    Ok(Storage::Cpu(crate::cpu::CpuStorage::from_f32(out, dtype)))
 }
 
-/// [`fused_kernel`] for kernels with several outputs: runs `f` on the same views and returns what it
-/// returns.
-pub(crate) fn with_f32_inputs<R>(inputs: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> R {
+/// Runs a CPU-only fused kernel on row-major f32 views of `inputs` (borrowing f32 contiguous inputs,
+/// widening the rest); GPU inputs are an error naming `op`.
+pub(crate) fn with_f32_inputs<R>(
+    op: &'static str,
+    inputs: &[&Tensor],
+    f: impl FnOnce(&[&[f32]]) -> R,
+) -> Result<R> {
     let guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
-    Storage::with_f32_views(&pairs(&guards, inputs), f)
-}
-
-/// Each input's storage (behind its read guard) with its layout.
-fn pairs<'a>(
-    guards: &'a [std::sync::RwLockReadGuard<'_, Storage>],
-    inputs: &'a [&Tensor],
-) -> Vec<(&'a Storage, &'a crate::layout::Layout)> {
-    guards
+    let pairs: Vec<(&Storage, &crate::layout::Layout)> = guards
         .iter()
         .zip(inputs)
         .map(|(g, t)| (&**g, t.layout()))
-        .collect()
+        .collect();
+    Storage::with_f32_views(op, &pairs, f)
 }

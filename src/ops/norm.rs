@@ -1,14 +1,14 @@
 //! layer_norm and rms_norm over the last dim, fused with their own backward.
 
-use super::fused_kernel;
-use crate::cpu::norm::{self as k, NormStats};
 use crate::error::{Error, Result};
 use crate::op::{CustomBackward, Op};
 use crate::tensor::Tensor;
 use std::sync::Arc;
 
 struct NormBackward {
-    stats: NormStats,
+    /// Per-row mean (zeros for RMSNorm) and 1/σ from the forward, as f32 on the input's device.
+    mean: Tensor,
+    rstd: Tensor,
     centre: bool,
     has_weight: bool,
     has_bias: bool,
@@ -31,21 +31,29 @@ impl CustomBackward for NormBackward {
     ) -> Result<Vec<Option<Tensor>>> {
         let x = &inputs[0];
         let d = x.dims().last().copied().unwrap_or(1);
-        let w = self.has_weight.then(|| inputs[1].to_vec_f32());
-        let (xv, gv) = (x.to_vec_f32(), grad.to_vec_f32());
-        let (dx, dw, db) = k::norm_backward(&xv, &gv, d, w.as_deref(), &self.stats, self.centre);
-        let dev = x.device();
-        let mut out = vec![Some(
-            Tensor::from_vec(dx, x.shape(), dev)?.to_dtype(x.dtype())?,
-        )];
-        if self.has_weight {
-            out.push(Some(
-                Tensor::from_vec(dw, d, dev)?.to_dtype(inputs[1].dtype())?,
-            ));
+        let w = self.has_weight.then(|| &inputs[1]);
+        let (wg, mg, rg, gg) = (
+            w.map(|w| w.storage()),
+            self.mean.storage(),
+            self.rstd.storage(),
+            grad.storage(),
+        );
+        let (dx, dw, db) = x.storage().norm_backward(
+            x.layout(),
+            (&gg, grad.layout()),
+            w.zip(wg.as_deref()).map(|(w, s)| (s, w.layout())),
+            (&mg, &rg),
+            d,
+            self.centre,
+            (self.has_weight, self.has_bias),
+        )?;
+        let mut out = vec![Some(Tensor::from_storage(dx, x.shape().clone(), None))];
+        if let (Some(dw), Some(w)) = (dw, w) {
+            out.push(Some(Tensor::from_storage(dw, d, None).to_dtype(w.dtype())?));
         }
-        if self.has_bias {
+        if let Some(db) = db {
             let b = &inputs[inputs.len() - 1];
-            out.push(Some(Tensor::from_vec(db, d, dev)?.to_dtype(b.dtype())?));
+            out.push(Some(Tensor::from_storage(db, d, None).to_dtype(b.dtype())?));
         }
         Ok(out)
     }
@@ -75,29 +83,28 @@ impl Tensor {
         if eps.is_nan() || eps < 0.0 {
             crate::bail!(op_name, "eps must be non-negative, got {eps}");
         }
-        let mut inputs = vec![self];
-        inputs.extend(weight);
-        inputs.extend(bias);
-        let mut stats = None;
-        let storage = fused_kernel(&inputs, self.dtype(), |v| {
-            let w = weight.map(|_| v[1]);
-            let b = bias.map(|_| v[inputs.len() - 1]);
-            let (y, s) = k::norm_forward(v[0], d, w, b, eps, centre);
-            stats = Some(s);
-            y
-        })?;
+        let (wg, bg) = (weight.map(|w| w.storage()), bias.map(|b| b.storage()));
+        let (y, mean, rstd) = self.storage().norm(
+            self.layout(),
+            weight.zip(wg.as_deref()).map(|(w, s)| (s, w.layout())),
+            bias.zip(bg.as_deref()).map(|(b, s)| (s, b.layout())),
+            d,
+            eps,
+            centre,
+        )?;
+        let rows = self.elem_count() / d.max(1);
         let backward = NormBackward {
-            stats: stats.expect("kernel ran"),
+            mean: Tensor::from_storage(mean, rows, None),
+            rstd: Tensor::from_storage(rstd, rows, None),
             centre,
             has_weight: weight.is_some(),
             has_bias: bias.is_some(),
         };
-        let op = Op::Custom(inputs.into_iter().cloned().collect(), Arc::new(backward));
-        Ok(Tensor::from_storage(
-            storage,
-            self.shape().clone(),
-            Some(op),
-        ))
+        let mut inputs = vec![self.clone()];
+        inputs.extend(weight.cloned());
+        inputs.extend(bias.cloned());
+        let op = Op::Custom(inputs, Arc::new(backward));
+        Ok(Tensor::from_storage(y, self.shape().clone(), Some(op)))
     }
 
     /// (x − mean) / √(var + eps) ⊙ weight + bias over the last dim (biased variance, as PyTorch).

@@ -1,12 +1,11 @@
 //! Rotary position embedding with a configurable base (ABF long-context extension raises it from 10,000
 //! to 500,000) and a linear position-interpolation scale, fused with its backward (the inverse rotation).
 
-use super::fused_kernel;
 use crate::error::{Error, Result};
 use crate::op::{CustomBackward, Op};
 use crate::storage::Device;
 use crate::tensor::Tensor;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Which dims form each rotated pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +26,11 @@ pub struct RopeTable {
     style: RopeStyle,
     cos: Arc<Vec<f32>>,
     sin: Arc<Vec<f32>>,
+    /// The tables as tensors, one pair per device they were used on (uploaded once, not per call).
+    on_device: Arc<Mutex<Vec<(Device, Tensor, Tensor)>>>,
+    /// The last positions tensor checked, with its validated i32 copy on a device: every layer of a
+    /// forward pass rotates by the same positions, so they are read and uploaded once per pass.
+    last_positions: Arc<Mutex<Option<(Tensor, Tensor)>>>,
 }
 
 impl RopeTable {
@@ -71,6 +75,8 @@ impl RopeTable {
             style,
             cos: Arc::new(cos),
             sin: Arc::new(sin),
+            on_device: Arc::default(),
+            last_positions: Arc::default(),
         })
     }
 
@@ -121,7 +127,7 @@ impl RopeTable {
                 positions.dtype()
             );
         }
-        let pos = positions.to_vec_i64();
+        let pos = positions.try_to_vec_i64()?;
         if let Some(&p) = pos
             .iter()
             .find(|&&p| p < 0 || p as usize >= self.max_positions)
@@ -135,17 +141,66 @@ impl RopeTable {
         Ok(pos)
     }
 
+    /// The (cos, sin) tables on `device`.
+    fn tables_on(&self, device: Device) -> Result<(Tensor, Tensor)> {
+        let mut cache = self.on_device.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c, s)) = cache.iter().find(|(d, _, _)| *d == device) {
+            return Ok((c.clone(), s.clone()));
+        }
+        let shape = (self.max_positions, self.head_dim / 2);
+        let c = Tensor::from_vec(self.cos.to_vec(), shape, device)?;
+        let s = Tensor::from_vec(self.sin.to_vec(), shape, device)?;
+        cache.push((device, c.clone(), s.clone()));
+        Ok((c, s))
+    }
+
+    /// `positions` for a [batch, seq] input, checked, as i32 on `device` (cached for the same tensor).
+    fn positions_on(
+        &self,
+        positions: &Tensor,
+        batch: usize,
+        seq: usize,
+        device: Device,
+    ) -> Result<Tensor> {
+        let mut last = self
+            .last_positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let fits = positions.dims() == [seq] || positions.dims() == [batch, seq];
+        if let Some((src, on)) = &*last {
+            if fits && src.id() == positions.id() && on.device() == device {
+                return Ok(on.clone());
+            }
+        }
+        let pos = self.check_positions(positions, batch, seq)?;
+        let n = pos.len();
+        let on = Tensor::from_vec(
+            pos.into_iter().map(|p| p as i32).collect::<Vec<i32>>(),
+            n,
+            device,
+        )?;
+        *last = Some((positions.clone(), on.clone()));
+        Ok(on)
+    }
+
+    /// Rotates `x` by the angles of `positions` (i32, on x's device, validated); `sign` −1 undoes it.
     fn apply(
         &self,
         x: &Tensor,
         dims: (usize, usize, usize, usize),
-        pos: &[i64],
+        positions: &Tensor,
         sign: f32,
     ) -> Result<Tensor> {
         let interleaved = self.style == RopeStyle::Interleaved;
-        let storage = fused_kernel(&[x], x.dtype(), |v| {
-            crate::cpu::rope::rope(v[0], dims, &self.cos, &self.sin, pos, interleaved, sign)
-        })?;
+        let (cos, sin) = self.tables_on(x.device())?;
+        let storage = x.storage().rope(
+            x.layout(),
+            dims,
+            (&cos.storage(), &sin.storage()),
+            &positions.storage(),
+            interleaved,
+            sign,
+        )?;
         Ok(Tensor::from_storage(storage, x.shape().clone(), None))
     }
 }
@@ -160,7 +215,8 @@ pub struct Rotary<'a> {
 
 struct RopeBackward {
     table: RopeTable,
-    positions: Vec<i64>,
+    /// Validated i32 positions on the input's device.
+    positions: Tensor,
 }
 
 impl CustomBackward for RopeBackward {
@@ -200,7 +256,7 @@ impl Tensor {
                 table.head_dim
             );
         }
-        let pos = table.check_positions(positions, b, s)?;
+        let pos = table.positions_on(positions, b, s, self.device())?;
         let out = table.apply(self, (b, h, s, d), &pos, 1.0)?;
         let op = Op::Custom(
             vec![self.clone()],

@@ -1,21 +1,10 @@
 //! softmax and log_softmax over any dim, and causal softmax over the last, fused with their own backward.
 
-use super::fused_kernel;
-use crate::cpu::softmax as k;
 use crate::error::{Error, Result};
-use crate::op::{CustomBackward, Op};
+use crate::op::{CustomBackward, Op, SoftmaxKind as Kind};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
 use std::sync::Arc;
-
-/// Which of the three ops a backward belongs to.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Softmax,
-    LogSoftmax,
-    /// Causal softmax over the last dim with this many query rows per block.
-    Causal(usize),
-}
 
 struct SoftmaxBackward {
     kind: Kind,
@@ -24,8 +13,8 @@ struct SoftmaxBackward {
 impl CustomBackward for SoftmaxBackward {
     fn name(&self) -> &'static str {
         match self.kind {
-            Kind::Softmax => "softmax",
-            Kind::LogSoftmax => "log_softmax",
+            Kind::Plain => "softmax",
+            Kind::Log => "log_softmax",
             Kind::Causal(_) => "causal_softmax",
         }
     }
@@ -37,12 +26,13 @@ impl CustomBackward for SoftmaxBackward {
         grad: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
         let d = out.dims().last().copied().unwrap_or(1);
-        let kind = self.kind;
-        let storage = fused_kernel(&[out, grad], out.dtype(), |v| match kind {
-            Kind::Softmax => k::softmax_backward_rows(v[0], v[1], d),
-            Kind::LogSoftmax => k::log_softmax_backward_rows(v[0], v[1], d),
-            Kind::Causal(q) => k::causal_softmax_backward_rows(v[0], v[1], d, q),
-        })?;
+        let storage = out.storage().softmax_backward(
+            out.layout(),
+            &grad.storage(),
+            grad.layout(),
+            d,
+            self.kind,
+        )?;
         Ok(vec![Some(Tensor::from_storage(
             storage,
             out.shape().clone(),
@@ -63,14 +53,8 @@ impl Tensor {
                 .transpose(d, last);
         }
         let n = self.dims()[last];
-        let storage = fused_kernel(&[self], self.dtype(), |v| {
-            if log {
-                k::log_softmax_rows(v[0], n)
-            } else {
-                k::softmax_rows(v[0], n)
-            }
-        })?;
-        let kind = if log { Kind::LogSoftmax } else { Kind::Softmax };
+        let kind = if log { Kind::Log } else { Kind::Plain };
+        let storage = self.storage().softmax(self.layout(), n, kind)?;
         let op = Op::Custom(vec![self.clone()], Arc::new(SoftmaxBackward { kind }));
         Ok(Tensor::from_storage(
             storage,
@@ -103,9 +87,7 @@ impl Tensor {
                 rhs: vec![n, n],
             });
         }
-        let storage = fused_kernel(&[self], self.dtype(), |v| {
-            k::causal_softmax_rows(v[0], n, q)
-        })?;
+        let storage = self.storage().softmax(self.layout(), n, Kind::Causal(q))?;
         let op = Op::Custom(
             vec![self.clone()],
             Arc::new(SoftmaxBackward {

@@ -3,8 +3,9 @@
 use super::{restore, zeros_var, Optimizer};
 use crate::backprop::GradStore;
 use crate::error::Result;
+use crate::op::AdamWStep;
+use crate::storage::Storage;
 use crate::tensor::Tensor;
-use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,39 +71,6 @@ impl AdamW {
 }
 
 /// One fused AdamW update of a parameter slice: p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + eps).
-#[allow(clippy::too_many_arguments)]
-fn update(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    cfg: &AdamWConfig,
-    bc1: f32,
-    bc2: f32,
-) {
-    let decay = 1.0 - cfg.lr * cfg.weight_decay;
-    let step = cfg.lr / bc1;
-    let body = |(((p, &g), m), v): (((&mut f32, &f32), &mut f32), &mut f32)| {
-        *m = cfg.beta1 * *m + (1.0 - cfg.beta1) * g;
-        *v = cfg.beta2 * *v + (1.0 - cfg.beta2) * g * g;
-        let denom = (*v / bc2).sqrt() + cfg.eps;
-        *p = *p * decay - step * *m / denom;
-    };
-    if p.len() >= crate::cpu::PAR_THRESHOLD {
-        p.par_iter_mut()
-            .zip(g)
-            .zip(m.par_iter_mut())
-            .zip(v.par_iter_mut())
-            .for_each(body);
-    } else {
-        p.iter_mut()
-            .zip(g)
-            .zip(m.iter_mut())
-            .zip(v.iter_mut())
-            .for_each(body);
-    }
-}
-
 impl Optimizer for AdamW {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.t += 1;
@@ -118,15 +86,23 @@ impl Optimizer for AdamW {
             } else {
                 g.clone()
             };
-            let cfg = self.cfg;
-            g.with_f32_slice(|g| {
-                slot.m.update_in_place(|m| {
-                    slot.v.update_in_place(|v| {
-                        slot.param
-                            .update_in_place(|p| update(p, g, m, v, &cfg, bc1, bc2))
+            let hp = AdamWStep {
+                lr: self.cfg.lr,
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: self.cfg.eps,
+                weight_decay: self.cfg.weight_decay,
+                bc1,
+                bc2,
+            };
+            let g_storage = g.storage();
+            slot.param.with_storage_mut(|p| {
+                slot.m.with_storage_mut(|m| {
+                    slot.v.with_storage_mut(|v| {
+                        Storage::adamw_step(p, m, v, (&g_storage, g.layout()), hp)
                     })
                 })
-            })???;
+            })?;
         }
         Ok(())
     }

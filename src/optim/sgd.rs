@@ -3,6 +3,8 @@
 use super::{restore, zeros_var, Optimizer};
 use crate::backprop::GradStore;
 use crate::error::Result;
+use crate::op::SgdStep;
+use crate::storage::Storage;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 
@@ -40,22 +42,16 @@ impl Optimizer for Sgd {
             } else {
                 g.clone()
             };
-            g.with_f32_slice(|g| {
-                buf.update_in_place(|b| {
-                    p.update_in_place(|p| {
-                        for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
-                            let g = g + cfg.weight_decay * *p;
-                            *b = cfg.momentum * *b + g;
-                            let d = if cfg.nesterov {
-                                g + cfg.momentum * *b
-                            } else {
-                                *b
-                            };
-                            *p -= cfg.lr * d;
-                        }
-                    })
-                })
-            })??;
+            let hp = SgdStep {
+                lr: cfg.lr,
+                momentum: cfg.momentum,
+                weight_decay: cfg.weight_decay,
+                nesterov: cfg.nesterov,
+            };
+            let g_storage = g.storage();
+            p.with_storage_mut(|p| {
+                buf.with_storage_mut(|b| Storage::sgd_step(p, b, (&g_storage, g.layout()), hp))
+            })?;
         }
         Ok(())
     }

@@ -454,15 +454,25 @@ impl QTensor {
         if !QIsa::available().contains(&isa) {
             crate::bail!("QTensor::matmul", "this CPU cannot run {isa:?}");
         }
-        x.device().check()?;
+        if x.device() != crate::Device::Cpu {
+            crate::bail!(
+                "QTensor::matmul",
+                "packed weights run on the CPU; the input lives on {} (use dense weights on a GPU)",
+                x.device()
+            );
+        }
         let m: usize = lead.iter().product();
         let mut out = vec![0f32; m * self.rows];
         match act {
             ActMode::Int8Blocks => {
                 let tiles = self.tiles();
-                x.with_f32_slice(|xs| interleaved::matmul(&tiles, xs, m, &mut out, isa));
+                x.with_f32_slice("QTensor::matmul", |xs| {
+                    interleaved::matmul(&tiles, xs, m, &mut out, isa)
+                })?;
             }
-            _ => x.with_f32_slice(|xs| qmatmul(&self.packed(), xs, m, act, &mut out, isa)),
+            _ => x.with_f32_slice("QTensor::matmul", |xs| {
+                qmatmul(&self.packed(), xs, m, act, &mut out, isa)
+            })?,
         }
         let mut dims = lead.to_vec();
         dims.push(self.rows);
@@ -489,7 +499,9 @@ impl QTensor {
         let refs: Vec<&Interleaved> = tiles.iter().map(|t| &**t).collect();
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
         let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
-        x.with_f32_slice(|xs| interleaved::matvec_many(&refs, xs, &mut slices, QIsa::best()));
+        x.with_f32_slice("QTensor::matmul", |xs| {
+            interleaved::matvec_many(&refs, xs, &mut slices, QIsa::best())
+        })?;
         let lead = &x.dims()[..x.rank() - 1];
         outs.into_iter()
             .zip(ws)

@@ -134,14 +134,16 @@ impl ElasticQuantizer {
         let (qn, qp) = (qn as f32, qp as f32);
         let n = x.elem_count();
         if n > 0 && !self.initialised.swap(true, Ordering::AcqRel) {
-            let mean_abs = x.with_f32_slice(|v| chunked_sum(v, |t| f64::from(t.abs()))) / n as f64;
+            let mean_abs = x.with_f32_slice("activation quantizer", |v| {
+                chunked_sum(v, |t| f64::from(t.abs()))
+            })? / n as f64;
             let k = if self.signed { 2.0 } else { 4.0 };
             let init = (k * mean_abs / f64::from(qp).sqrt()) as f32;
             self.alpha.update_in_place(|a| a[0] = init)?;
         }
         let binary_signed = self.signed && self.bits == 1;
         let (mut centre, mut alpha) = (0f32, 0f32);
-        let storage = fused_kernel(&[x, &self.alpha], x.dtype(), |v| {
+        let storage = fused_kernel("activation quantizer", &[x, &self.alpha], x.dtype(), |v| {
             let xs = v[0];
             alpha = v[1][0].max(Self::MIN_ALPHA);
             if self.signed {
@@ -204,31 +206,36 @@ impl CustomBackward for ElasticBackward {
         let (x, alpha) = (&inputs[0], &inputs[1]);
         let (c, a, qn, qp) = (self.centre, self.alpha, self.qn, self.qp);
         let mut dalpha = 0f64;
-        let storage = fused_kernel(&[x, grad], x.dtype(), |v| {
-            let (xs, gs) = (v[0], v[1]);
-            let mut dx = vec![0f32; xs.len()];
-            dalpha = chunked_fill(&mut dx, |start, o| {
-                let mut acc = 0f64;
-                for ((o, &x), &g) in o.iter_mut().zip(&xs[start..]).zip(&gs[start..]) {
-                    let t = (x - c) / a;
-                    // t is inside [Qn, Qp] exactly when clamping leaves it unchanged; outside, the clamp
-                    // is the bound LSQ's gradient takes.
-                    let tc = t.clamp(qn, qp);
-                    let inside = t == tc;
-                    *o = if inside { g } else { 0.0 };
-                    let e = if self.binary_signed {
-                        sign_code(t) as f32
-                    } else if inside {
-                        round_even(t) - t
-                    } else {
-                        tc
-                    };
-                    acc += f64::from(g) * f64::from(e);
-                }
-                acc
-            });
-            dx
-        })?;
+        let storage = fused_kernel(
+            "activation quantizer backward",
+            &[x, grad],
+            x.dtype(),
+            |v| {
+                let (xs, gs) = (v[0], v[1]);
+                let mut dx = vec![0f32; xs.len()];
+                dalpha = chunked_fill(&mut dx, |start, o| {
+                    let mut acc = 0f64;
+                    for ((o, &x), &g) in o.iter_mut().zip(&xs[start..]).zip(&gs[start..]) {
+                        let t = (x - c) / a;
+                        // t is inside [Qn, Qp] exactly when clamping leaves it unchanged; outside, the clamp
+                        // is the bound LSQ's gradient takes.
+                        let tc = t.clamp(qn, qp);
+                        let inside = t == tc;
+                        *o = if inside { g } else { 0.0 };
+                        let e = if self.binary_signed {
+                            sign_code(t) as f32
+                        } else if inside {
+                            round_even(t) - t
+                        } else {
+                            tc
+                        };
+                        acc += f64::from(g) * f64::from(e);
+                    }
+                    acc
+                });
+                dx
+            },
+        )?;
         let dx = Tensor::from_storage(storage, x.shape().clone(), None);
         let da = Tensor::from_vec(
             vec![(dalpha * self.grad_scale) as f32],

@@ -241,7 +241,7 @@ impl Quantizer {
         let (rows, d) = rows_of(x, granularity);
         let asym = self.is_asymmetric();
         let mut params = vec![RowParams::default(); rows];
-        let storage = fused_kernel(&[x], x.dtype(), |v| {
+        let storage = fused_kernel("fake_quant", &[x], x.dtype(), |v| {
             let mut out = vec![0f32; v[0].len()];
             for_rows(v[0], d, &mut out, &mut params, |_, xr, or, p| {
                 *p = self.row_params(xr);
@@ -292,14 +292,14 @@ impl Quantizer {
         let (rows, d) = rows_of(x, granularity);
         let mut codes = vec![0i8; x.elem_count()];
         let mut params = vec![RowParams::default(); rows];
-        x.with_f32_slice(|v| {
+        x.with_f32_slice("quantize", |v| {
             for_rows(v, d, &mut codes, &mut params, |_, xr, cr, p| {
                 *p = self.row_params(xr);
                 // In range for i8: every scheme but the 8-bit asymmetric one (rejected above) codes
                 // within −127..=127.
                 self.for_each_code(p, xr, |i, c| cr[i] = c as i8);
             })
-        });
+        })?;
         Ok(QuantParts {
             codes,
             scales: params.iter().map(|p| p.scale).collect(),
@@ -378,7 +378,7 @@ impl CustomBackward for FakeQuantBackward {
         let x = &inputs[0];
         let storage = match &self.ste {
             Ste::Identity => return Ok(vec![Some(grad.clone())]),
-            Ste::AbsBelowTwo => fused_kernel(&[x, grad], x.dtype(), |v| {
+            Ste::AbsBelowTwo => fused_kernel("fake_quant backward", &[x, grad], x.dtype(), |v| {
                 let (xs, gs) = (v[0], v[1]);
                 let mut dx = vec![0f32; xs.len()];
                 par_fill(&mut dx, |start, o| {
@@ -388,20 +388,22 @@ impl CustomBackward for FakeQuantBackward {
                 });
                 dx
             })?,
-            Ste::TbtClip { d, rows } => fused_kernel(&[x, grad], x.dtype(), |v| {
-                let (xs, gs) = (v[0], v[1]);
-                let mut dx = vec![0f32; xs.len()];
-                let mut unit = vec![(); rows.len()];
-                for_rows(xs, *d, &mut dx, &mut unit, |r, xr, or, _| {
-                    let (mu, alpha) = rows[r];
-                    let gr = &gs[r * d..(r + 1) * d];
-                    for ((o, &x), &g) in or.iter_mut().zip(xr).zip(gr) {
-                        let inside = alpha == 0.0 || ((x - mu) / alpha).abs() < 1.0;
-                        *o = if inside { g } else { 0.0 };
-                    }
-                });
-                dx
-            })?,
+            Ste::TbtClip { d, rows } => {
+                fused_kernel("fake_quant backward", &[x, grad], x.dtype(), |v| {
+                    let (xs, gs) = (v[0], v[1]);
+                    let mut dx = vec![0f32; xs.len()];
+                    let mut unit = vec![(); rows.len()];
+                    for_rows(xs, *d, &mut dx, &mut unit, |r, xr, or, _| {
+                        let (mu, alpha) = rows[r];
+                        let gr = &gs[r * d..(r + 1) * d];
+                        for ((o, &x), &g) in or.iter_mut().zip(xr).zip(gr) {
+                            let inside = alpha == 0.0 || ((x - mu) / alpha).abs() < 1.0;
+                            *o = if inside { g } else { 0.0 };
+                        }
+                    });
+                    dx
+                })?
+            }
         };
         Ok(vec![Some(Tensor::from_storage(
             storage,

@@ -1,0 +1,24 @@
+//! The CUDA backend (feature `cuda`): a device with one stream and a caching allocator, the committed
+//! PTX kernels and their launchers (one file per family, next to cuda/<family>.cu), and cuBLAS for dense
+//! matmul. Only `storage.rs` calls into here.
+
+pub mod alloc;
+pub mod copy;
+pub mod device;
+pub mod elementwise;
+pub mod index;
+pub mod launch;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
+pub mod nvtx;
+pub mod optim;
+pub mod ptx;
+pub mod reduce;
+pub mod rope;
+pub mod softmax;
+pub mod storage;
+
+pub use alloc::PoolStats;
+pub use device::{probe, CudaDevice, DeviceProps};
+pub use storage::{set_poison, CudaStorage};
