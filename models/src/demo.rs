@@ -16,6 +16,9 @@ use trit::{DType, Device, Error, Result, Rng, Tensor};
 /// PyTorch 2.15 eager on this 2-core CPU, demo shape, batch 8, AdamW (/work/shared/anchors.md).
 pub const PYTORCH_CPU_TRAIN_TOKENS_PER_SEC: f64 = 5_550.0;
 
+/// PyTorch 2.11 eager on an H200, bf16 autocast, SDPA, fused AdamW, demo shape (/work/shared/anchors.md).
+pub const PYTORCH_H200_TRAIN_TOKENS_PER_SEC: f64 = 145_700.0;
+
 /// Everything that defines a training run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainOptions {
@@ -47,6 +50,12 @@ pub struct TrainOptions {
     pub sample_len: usize,
     /// Draw a progress bar and progress notes on stderr.
     pub progress: bool,
+    /// Where the parameters, activations and optimizer state live.
+    pub device: Device,
+    /// The activations' dtype: F32, or BF16 for mixed precision (f32 master weights and AdamW state).
+    pub precision: DType,
+    /// Print each step's host↔device copies (and the GPU allocator's counters) on stderr.
+    pub verbose: bool,
 }
 
 impl TrainOptions {
@@ -79,6 +88,9 @@ impl TrainOptions {
             prompt: "And God said".to_string(),
             sample_len: 200,
             progress: false,
+            device: Device::Cpu,
+            precision: DType::F32,
+            verbose: false,
         })
     }
 
@@ -117,6 +129,13 @@ impl TrainOptions {
         if self.save_every.is_some() && self.checkpoint.is_none() {
             trit::bail!("train", "--save-every needs --checkpoint PATH to save to");
         }
+        if !matches!(self.precision, DType::F32 | DType::BF16) {
+            trit::bail!(
+                "train",
+                "precision must be f32 or bf16, got {}",
+                self.precision
+            );
+        }
         if self.prompt.is_empty() && self.sample_len > 0 {
             trit::bail!("train", "the sample prompt must not be empty");
         }
@@ -128,6 +147,8 @@ impl TrainOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainSummary {
     pub size: String,
+    pub device: Device,
+    pub precision: DType,
     pub model: LlamaConfig,
     pub parameters: usize,
     /// The step count reached (including steps before a resume).
@@ -140,6 +161,8 @@ pub struct TrainSummary {
     pub tokens_seen: u64,
     pub initial_val_loss: f32,
     pub final_val_loss: f32,
+    /// The training loss of each step of this run (before its update).
+    pub losses: Vec<f32>,
     /// Training throughput: tokens per second of forward + backward + optimizer steps.
     pub tokens_per_second: f64,
     pub train_seconds: f64,
@@ -154,6 +177,8 @@ impl TrainSummary {
     pub fn to_json(&self) -> serde_json::Value {
         json!({
             "size": self.size,
+            "device": self.device.to_string(),
+            "precision": self.precision.to_string(),
             "model": self.model.to_string(),
             "parameters": self.parameters,
             "steps": self.steps,
@@ -186,6 +211,7 @@ impl TrainSummary {
     pub fn table(&self) -> String {
         let rows = [
             ("model", format!("{} ({})", self.size, self.model)),
+            ("device", format!("{} ({})", self.device, self.precision)),
             ("parameters", thousands(self.parameters as u64)),
             (
                 "steps",
@@ -328,6 +354,26 @@ fn progress_bar(opts: &TrainOptions, start: u64) -> ProgressBar {
     bar
 }
 
+/// The GPU allocator's counters, for `--verbose` (empty on the CPU).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn device_memory(device: Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = device {
+        if let Ok(dev) = trit::cuda::CudaDevice::get(n) {
+            let s = dev.pool_stats();
+            let mib = |b: usize| b as f64 / (1 << 20) as f64;
+            return format!(
+                "; device memory {:.1} MiB in use, {:.1} MiB cached, peak {:.1} MiB ({} driver allocations)",
+                mib(s.in_use),
+                mib(s.cached),
+                mib(s.peak),
+                s.driver_allocs
+            );
+        }
+    }
+    String::new()
+}
+
 /// Trains a model as `opts` says and reports what it achieved.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     opts.validate()?;
@@ -348,8 +394,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     )?;
     let mut cfg = opts.model;
     cfg.max_seq = cfg.max_seq.max(opts.seq);
-    let params = ParamStore::new(opts.seed, DType::F32, Device::Cpu);
-    let model = Llama::new(&params, cfg)?;
+    let params = ParamStore::new(opts.seed, DType::F32, opts.device);
+    let mut model = Llama::new(&params, cfg)?;
+    model.set_compute_dtype(opts.precision)?;
     let named = params.all();
     let vars: Vec<Tensor> = named.iter().map(|(_, t)| t.clone()).collect();
     let mut opt = AdamW::new(named, adamw(opts.lr))?;
@@ -401,8 +448,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut train_time = Duration::ZERO;
     let mut step = first_step;
     let end = opts.stop_after.unwrap_or(opts.steps);
+    let mut losses = Vec::with_capacity((end - first_step) as usize);
     while step < end {
         let t = Instant::now();
+        let copies = trit::transfers::snapshot();
         opt.set_lr(schedule.lr_at(step));
         let batch = random_batch(corpus.train(), opts.batch, opts.seq, &mut rng, Device::Cpu)?;
         let loss = train_step(&model, &vars, &mut opt, &batch)?;
@@ -413,7 +462,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             );
         }
         step += 1;
+        losses.push(loss);
         train_time += t.elapsed();
+        if opts.verbose {
+            bar.suspend(|| {
+                eprintln!(
+                    "step {step}: loss {loss:.4}, {:.1} ms; copies {}{}",
+                    t.elapsed().as_secs_f64() * 1e3,
+                    trit::transfers::snapshot().since(&copies),
+                    device_memory(opts.device)
+                )
+            });
+        }
         let rate = ((step - first_step) * tokens_per_step) as f64 / train_time.as_secs_f64();
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.3} | {} tok/s", thousands(rate as u64)));
@@ -439,7 +499,22 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let sample = if opts.sample_len > 0 {
         let prompt: Vec<u32> = opts.prompt.bytes().map(u32::from).collect();
         let mut sample_rng = Rng::new(opts.seed);
-        let new = model.generate(&prompt, opts.sample_len, 0.8, Some(40), &mut sample_rng)?;
+        // Decoding runs through the KV cache, which lives on the host: a GPU-trained model is copied there.
+        let host = if opts.device == Device::Cpu {
+            None
+        } else {
+            let host_params = ParamStore::new(opts.seed, DType::F32, Device::Cpu);
+            let host_model = Llama::new(&host_params, cfg)?;
+            host_params.load(&params.all().into_iter().collect())?;
+            Some(host_model)
+        };
+        let new = host.as_ref().unwrap_or(&model).generate(
+            &prompt,
+            opts.sample_len,
+            0.8,
+            Some(40),
+            &mut sample_rng,
+        )?;
         bytes_to_text(&new)
     } else {
         String::new()
@@ -448,6 +523,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let steps_this_run = step - first_step;
     Ok(TrainSummary {
         size: opts.size.clone(),
+        device: opts.device,
+        precision: opts.precision,
         model: cfg,
         parameters: params.num_parameters(),
         steps: step,
@@ -457,6 +534,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         tokens_seen: steps_this_run * tokens_per_step,
         initial_val_loss,
         final_val_loss,
+        losses,
         tokens_per_second: (steps_this_run * tokens_per_step) as f64
             / train_time.as_secs_f64().max(1e-9),
         train_seconds: train_time.as_secs_f64(),
@@ -470,6 +548,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 /// Training throughput at the benchmark shape of anchors.md.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainBench {
+    pub device: Device,
+    pub precision: DType,
     pub parameters: usize,
     pub batch: usize,
     pub seq: usize,
@@ -479,8 +559,26 @@ pub struct TrainBench {
 }
 
 impl TrainBench {
+    /// The anchors.md figure this run compares with, and what it is.
+    pub fn peer(&self) -> (f64, &'static str) {
+        if self.device.is_cuda() {
+            (
+                PYTORCH_H200_TRAIN_TOKENS_PER_SEC,
+                "PyTorch 2.11 eager, bf16 autocast, H200 (anchors.md)",
+            )
+        } else {
+            (
+                PYTORCH_CPU_TRAIN_TOKENS_PER_SEC,
+                "PyTorch 2.15 eager, same CPU (anchors.md)",
+            )
+        }
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
+        let (peer, peer_name) = self.peer();
         json!({
+            "device": self.device.to_string(),
+            "precision": self.precision.to_string(),
             "shape": "d 256, 4 layers, 4 heads, ff 768, vocab 256",
             "parameters": self.parameters,
             "batch": self.batch,
@@ -488,21 +586,24 @@ impl TrainBench {
             "steps": self.steps,
             "step_ms": self.step_ms,
             "tokens_per_second": self.tokens_per_second,
-            "pytorch_tokens_per_second": PYTORCH_CPU_TRAIN_TOKENS_PER_SEC,
-            "ratio_vs_pytorch": self.tokens_per_second / PYTORCH_CPU_TRAIN_TOKENS_PER_SEC,
+            "pytorch": peer_name,
+            "pytorch_tokens_per_second": peer,
+            "ratio_vs_pytorch": self.tokens_per_second / peer,
         })
     }
 }
 
 /// Times `steps` full training steps (forward, backward, clipping, AdamW) of the demo model at batch 8,
-/// seq 256, after one untimed warm-up step; reports the median step.
-pub fn bench_train(steps: usize) -> Result<TrainBench> {
+/// seq 256 on `device` with activations in `precision`, after one untimed warm-up step; reports the
+/// median step. A step ends when its loss is read back, so GPU work is inside the timing.
+pub fn bench_train(steps: usize, device: Device, precision: DType) -> Result<TrainBench> {
     if steps == 0 {
         trit::bail!("bench train", "need at least one step");
     }
     let (batch, seq) = (8, 256);
-    let params = ParamStore::new(0, DType::F32, Device::Cpu);
-    let model = Llama::new(&params, LlamaConfig::demo())?;
+    let params = ParamStore::new(0, DType::F32, device);
+    let mut model = Llama::new(&params, LlamaConfig::demo())?;
+    model.set_compute_dtype(precision)?;
     let named = params.all();
     let vars: Vec<Tensor> = named.iter().map(|(_, t)| t.clone()).collect();
     let mut opt = AdamW::new(named, adamw(1e-3))?;
@@ -520,6 +621,8 @@ pub fn bench_train(steps: usize) -> Result<TrainBench> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     Ok(TrainBench {
+        device,
+        precision,
         parameters: params.num_parameters(),
         batch,
         seq,

@@ -187,6 +187,8 @@ pub struct Llama {
     lm_head: Option<Linear>,
     rope: RopeTable,
     device: trit::Device,
+    /// The activations' dtype (F32, or BF16 for mixed precision over the f32 weights).
+    compute: DType,
 }
 
 impl Llama {
@@ -232,7 +234,21 @@ impl Llama {
             lm_head,
             rope,
             device: params.device(),
+            compute: DType::F32,
         })
+    }
+
+    /// Runs the blocks in `dtype` (BF16: mixed precision, the f32 weights cast at each use and the loss
+    /// taken in f32), or F32 (the default).
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            trit::bail!(
+                "Llama",
+                "compute dtype must be f32, bf16 or f16, got {dtype}"
+            );
+        }
+        self.compute = dtype;
+        Ok(())
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -275,7 +291,8 @@ impl Llama {
         }
         let positions = match segments {
             Some(s) => positions_from_segments(s)?,
-            None => Tensor::arange(0, seq as i64, ids.device())?,
+            // Positions stay on the host: the rotary op checks them there once per pass.
+            None => Tensor::arange(0, seq as i64, trit::Device::Cpu)?,
         };
         let opts = AttentionOptions {
             causal: true,
@@ -286,7 +303,7 @@ impl Llama {
             }),
             ..AttentionOptions::default()
         };
-        let mut x = self.embed_tokens.forward(ids)?;
+        let mut x = self.embed_tokens.forward(ids)?.to_dtype(self.compute)?;
         for layer in &self.layers {
             x = layer.forward_with(&x, &opts)?;
         }
@@ -395,6 +412,7 @@ impl Llama {
         let rows = logits.elem_count() / self.cfg.vocab_size;
         logits
             .reshape((rows, self.cfg.vocab_size))?
+            .to_dtype(DType::F32)?
             .cross_entropy(&targets.flatten_all()?, ignore)
     }
 

@@ -3,19 +3,22 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use trit_models::demo::{
-    bench_train, thousands, train, TrainOptions, TrainSummary, PYTORCH_CPU_TRAIN_TOKENS_PER_SEC,
-};
+use trit::{DType, Device};
+use trit_models::demo::{bench_train, thousands, train, TrainOptions, TrainSummary};
 
 const EXAMPLES: &str = "\
 Examples:
   trit                                   train the default demo model (same as `trit demo`)
   trit demo --json                       the same, printing the summary as one JSON object
   trit demo --size demo --steps 200      the 3.5 M-parameter benchmark shape
+  trit demo --device cuda --precision bf16 --verbose
+                                         on a GPU (build with --features cuda), printing each step's
+                                         host-device copies
   trit train --steps 400 --checkpoint run.safetensors --save-every 100
   trit train --resume run.safetensors --steps 600
   trit bench matmul --quick              trit's GEMM vs the gemm crate, measured in the same run
   trit bench train --json                training tokens/s vs PyTorch's CPU figure
+  trit bench train --device cuda --precision bf16 --json   ... on a GPU vs PyTorch's H200 figure
   trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
   trit bench attention                   flash attention vs naive, fwd and fwd+bwd; decode per KV format
   trit bench generate --model m.gguf     prompt 512 / generate 128 tokens/s on 2 threads vs llama.cpp
@@ -190,7 +193,40 @@ enum BenchCommand {
         /// Timed steps (after one warm-up step); the median is reported.
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
+}
+
+/// Where training runs and in which precision.
+#[derive(Args, Clone, Copy, Debug, Default)]
+struct DeviceArgs {
+    /// cpu, cuda (the first GPU) or cuda:N; GPUs need a build with `--features cuda`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
+    /// Activations' dtype: f32, or bf16 (mixed precision: f32 master weights and AdamW state).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse().map_err(|e: trit::Error| e.to_string())
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
 }
 
 /// Model presets.
@@ -420,6 +456,11 @@ struct TrainArgs {
     /// Print the summary as one JSON object on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Print each step's loss, time and host↔device copies (and GPU memory) on stderr.
+    #[arg(long)]
+    verbose: bool,
 }
 
 impl TrainArgs {
@@ -440,6 +481,9 @@ impl TrainArgs {
         o.prompt = self.prompt.clone().unwrap_or(o.prompt);
         o.resume = resume;
         o.progress = true;
+        o.device = self.device.device;
+        o.precision = self.device.precision.dtype();
+        o.verbose = self.verbose;
         Ok(o)
     }
 }
@@ -581,17 +625,24 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
                 print!("{}", b.table());
             }
         }
-        BenchCommand::Train { json, steps } => {
-            let b = bench_train(steps)?;
+        BenchCommand::Train {
+            json,
+            steps,
+            device,
+        } => {
+            let b = bench_train(steps, device.device, device.precision.dtype())?;
+            let (peer, peer_name) = b.peer();
             if json {
                 println!("{}", b.to_json());
             } else {
                 println!(
                     "training step, Llama d 256 × 4 layers, 4 heads, ff 768, vocab 256 ({} parameters), \
-                     batch {} × seq {}, AdamW; median of {} steps",
+                     batch {} × seq {}, AdamW, {} {}; median of {} steps",
                     thousands(b.parameters as u64),
                     b.batch,
                     b.seq,
+                    b.device,
+                    b.precision,
                     b.steps
                 );
                 println!(
@@ -600,13 +651,10 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
                     b.step_ms
                 );
                 println!(
-                    "  PyTorch  {:>8} tokens/s  (2.15 eager, same CPU, anchors.md)",
-                    thousands(PYTORCH_CPU_TRAIN_TOKENS_PER_SEC as u64)
+                    "  PyTorch  {:>8} tokens/s  ({peer_name})",
+                    thousands(peer as u64)
                 );
-                println!(
-                    "  ratio    {:>8.2}×",
-                    b.tokens_per_second / PYTORCH_CPU_TRAIN_TOKENS_PER_SEC
-                );
+                println!("  ratio    {:>8.2}×", b.tokens_per_second / peer);
             }
         }
     }
