@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compiles every cuda/<name>.cu to ptx/<name>.ptx with nvcc 13.0, headed by the nvcc version, the flags and
-# the sources' sha256 (tests/ptx.rs checks that header against cuda/ so a stale ptx/ fails CI).
+# Compiles every cuda/<name>.cu to ptx/<name>.ptx with nvcc 13.0, headed by the nvcc version, the flags,
+# the source's sha256 and that of the shared headers (cuda/*.cuh, concatenated in name order), which
+# tests/ptx.rs checks against cuda/ so that a stale ptx/ fails CI.
 # Usage (repo root): cuda/build-ptx.sh [name ...]     # all files when none are named
 # nvcc comes from scripts/cuda-toolchain.sh when it is not on the PATH.
 set -euo pipefail
@@ -10,7 +11,7 @@ if ! command -v nvcc >/dev/null; then
 fi
 FLAGS="-ptx -arch=compute_80 -O3 -std=c++17 -lineinfo"
 version=$(nvcc --version | grep -o 'release [0-9.]*, V[0-9.]*')
-common=$(sha256sum cuda/common.cuh | cut -d' ' -f1)
+headers=$(printf '%s\n' cuda/*.cuh | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
 names=("$@")
 if [[ ${#names[@]} -eq 0 ]]; then
   for f in cuda/*.cu; do names+=("$(basename "$f" .cu)"); done
@@ -26,7 +27,7 @@ for name in "${names[@]}"; do
     echo "// nvcc: $version"
     echo "// flags: $FLAGS"
     echo "// source sha256: $(sha256sum "$src" | cut -d' ' -f1)"
-    echo "// common.cuh sha256: $common"
+    echo "// headers sha256: $headers"
     cat "$tmp"
   } >"ptx/$name.ptx"
   rm -f "$tmp"

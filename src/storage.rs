@@ -290,6 +290,18 @@ impl Storage {
             }
             #[cfg(feature = "cuda")]
             (Storage::Cuda(a), Storage::Cuda(b)) => {
+                if !a.dtype().is_float() {
+                    // Integer operands compute in f32 and convert back, as on the CPU.
+                    let (af, afl) = Storage::cuda_as(a, ll, DType::F32)?;
+                    let (bf, bfl) = Storage::cuda_as(b, rl, DType::F32)?;
+                    let out = cuda::elementwise::binary(&af, &afl, &bf, &bfl, op)?;
+                    let n = ll.shape().elem_count();
+                    return Ok(Storage::Cuda(cuda::copy::cast(
+                        &out,
+                        &Layout::contiguous(n),
+                        a.dtype(),
+                    )?));
+                }
                 let (b, rl) = Storage::cuda_as(b, rl, a.dtype())?;
                 Ok(Storage::Cuda(cuda::elementwise::binary(
                     a, ll, &b, &rl, op,
@@ -989,22 +1001,7 @@ impl Storage {
                 for s in [&mut *p, &mut *m, &mut *v] {
                     s.make_unique()?;
                 }
-                cuda::optim::adamw_step(
-                    p,
-                    m,
-                    v,
-                    g,
-                    gl,
-                    cuda::optim::AdamWStep {
-                        lr: hp.lr,
-                        beta1: hp.beta1,
-                        beta2: hp.beta2,
-                        eps: hp.eps,
-                        weight_decay: hp.weight_decay,
-                        bc1: hp.bc1,
-                        bc2: hp.bc2,
-                    },
-                )
+                cuda::optim::adamw_step(p, m, v, g, gl, hp)
             }
             #[cfg(feature = "cuda")]
             _ => unreachable!("devices checked above"),
@@ -1029,18 +1026,7 @@ impl Storage {
             (Storage::Cuda(p), Storage::Cuda(b), Storage::Cuda(g)) => {
                 p.make_unique()?;
                 b.make_unique()?;
-                cuda::optim::sgd_step(
-                    p,
-                    b,
-                    g,
-                    gl,
-                    cuda::optim::SgdStep {
-                        lr: hp.lr,
-                        momentum: hp.momentum,
-                        weight_decay: hp.weight_decay,
-                        nesterov: hp.nesterov,
-                    },
-                )
+                cuda::optim::sgd_step(p, b, g, gl, hp)
             }
             #[cfg(feature = "cuda")]
             _ => unreachable!("devices checked above"),

@@ -329,14 +329,19 @@ impl Tensor {
     /// A trainable parameter holding a private contiguous copy of this tensor's values.
     pub fn var(&self) -> Result<Tensor> {
         let storage = self.storage().copy_strided(self.layout())?;
-        Ok(Tensor(Arc::new(Inner {
+        Ok(self.variable_with(storage))
+    }
+
+    /// A new variable of this tensor's shape and dtype holding `storage` (contiguous).
+    fn variable_with(&self, storage: Storage) -> Tensor {
+        Tensor(Arc::new(Inner {
             id: TensorId::new(),
             storage: Arc::new(RwLock::new(storage)),
             layout: Layout::contiguous(self.shape().clone()),
             dtype: self.dtype(),
             op: None,
             is_variable: true,
-        })))
+        }))
     }
 
     /// Overwrites a variable's values in place (optimizer updates, checkpoint loading). Shape and dtype must
@@ -522,14 +527,7 @@ impl Tensor {
         }
         let storage = self.storage().to_device(self.layout(), device)?;
         if self.is_variable() {
-            return Ok(Tensor(Arc::new(Inner {
-                id: TensorId::new(),
-                storage: Arc::new(RwLock::new(storage)),
-                layout: Layout::contiguous(self.shape().clone()),
-                dtype: self.dtype(),
-                op: None,
-                is_variable: true,
-            })));
+            return Ok(self.variable_with(storage));
         }
         let op = self.dtype().is_float().then(|| Op::ToDevice(self.clone()));
         Ok(Tensor::from_storage(storage, self.shape().clone(), op))

@@ -40,7 +40,10 @@ fn a_missing_gpu_is_an_error_from_every_entry_point() {
     no_gpu(Tensor::arange(0, 4, Device::Cuda(1)), "arange");
     let x = Tensor::ones(3, DType::F32, Device::Cpu).unwrap();
     no_gpu(x.to_device(Device::Cuda(0)), "to_device");
-    no_gpu(x.var().unwrap().to_device(Device::Cuda(0)), "a variable's to_device");
+    no_gpu(
+        x.var().unwrap().to_device(Device::Cuda(0)),
+        "a variable's to_device",
+    );
     assert!(matches!(
         trit::nn::ParamStore::new(0, DType::F32, Device::Cuda(0)).get_or_init(
             "w",

@@ -1,5 +1,5 @@
 //! The committed PTX against its sources: every cuda/<name>.cu has a ptx/<name>.ptx whose header records
-//! the sha256 of that source and of cuda/common.cuh (so editing a kernel without running
+//! the sha256 of that source and of the shared headers cuda/*.cuh (so editing a kernel without running
 //! cuda/build-ptx.sh fails here), the embedded module list is exactly ptx/, and every PTX file assembles
 //! with ptxas for sm_80 and sm_90a without register spills.
 //!
@@ -16,12 +16,22 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn sha256_hex(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(&bytes))
+}
+
+/// The sha256 of cuda/*.cuh concatenated in name order, as cuda/build-ptx.sh computes it.
+fn headers_sha256() -> String {
+    let mut h = Sha256::new();
+    for name in stems("cuda", "cuh") {
+        h.update(std::fs::read(root().join(format!("cuda/{name}.cuh"))).unwrap());
+    }
+    hex(&h.finalize())
 }
 
 /// File stems with extension `ext` in `dir`.
@@ -57,7 +67,7 @@ fn ptx_is_up_to_date_with_its_cuda_sources() {
         sources, ptx,
         "cuda/*.cu and ptx/*.ptx must pair up; run cuda/build-ptx.sh"
     );
-    let common = sha256_hex(&root().join("cuda/common.cuh"));
+    let headers = headers_sha256();
     for name in &sources {
         let text = std::fs::read_to_string(root().join(format!("ptx/{name}.ptx"))).unwrap();
         let want = sha256_hex(&root().join(format!("cuda/{name}.cu")));
@@ -67,9 +77,9 @@ fn ptx_is_up_to_date_with_its_cuda_sources() {
             "ptx/{name}.ptx is stale against cuda/{name}.cu; run cuda/build-ptx.sh {name}"
         );
         assert_eq!(
-            header(&text, "common.cuh sha256").as_deref(),
-            Some(common.as_str()),
-            "ptx/{name}.ptx is stale against cuda/common.cuh; run cuda/build-ptx.sh"
+            header(&text, "headers sha256").as_deref(),
+            Some(headers.as_str()),
+            "ptx/{name}.ptx is stale against cuda/*.cuh; run cuda/build-ptx.sh"
         );
         let nvcc = header(&text, "nvcc").unwrap_or_default();
         assert!(

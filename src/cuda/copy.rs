@@ -85,6 +85,7 @@ pub fn cast(x: &CudaStorage, l: &Layout, to: DType) -> Result<CudaStorage> {
     }
     if x.dtype() == to {
         if let Some(r) = l.contiguous_range() {
+            let _range = super::nvtx::range(op);
             out.copy_from(0, x, r.start, n)?;
             x.device().checkpoint(op)?;
             return Ok(out);
@@ -127,6 +128,7 @@ pub fn fill(dev: &Arc<CudaDevice>, dtype: DType, len: usize, value: f32) -> Resu
         DType::I8 => value as i8 as u8 as u32,
         DType::U8 => (value as u8).into(),
     };
+    let _range = super::nvtx::range(OP);
     dev.bind(OP)?;
     let stream = dev.cu_stream();
     // SAFETY: `out` holds `len` elements of `dtype`, so `len` words of its size; the block comes from
@@ -203,6 +205,7 @@ pub fn cat(
     if out.is_empty() {
         return Ok(out);
     }
+    let _range = super::nvtx::range(OP);
     dev.bind(OP)?;
     let es = dtype.size_in_bytes();
     let pitch = total * inner * es;

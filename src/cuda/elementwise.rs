@@ -183,29 +183,7 @@ pub fn binary(
             return Err(Error::UnsupportedDType { op: name, dtype })
         }
     };
-    check_views(name, a, &[(a, al), (b, bl)])?;
-    let n = al.shape().elem_count();
-    let out = CudaStorage::uninit(a.device(), a.dtype(), n)?;
-    if n == 0 {
-        return Ok(out);
-    }
-    let [sa, sb] = Strided::coalesced(name, [al, bl])?;
-    launch(
-        a.device(),
-        name,
-        (MODULE, kernel),
-        grid(a, n, &[sa, sb], a.dtype().size_in_bytes()),
-        &[
-            a.ptr().into(),
-            sa.into(),
-            b.ptr().into(),
-            sb.into(),
-            out.ptr().into(),
-            (n as u64).into(),
-            binary_code(op).into(),
-        ],
-    )?;
-    Ok(out)
+    launch_pair(name, kernel, (a, al), (b, bl), a.dtype(), binary_code(op))
 }
 
 /// U8 mask (1/0) comparing the values as f32, like the CPU; one dtype of the 6 (mixed -> UnsupportedDType).
@@ -231,9 +209,22 @@ pub fn compare(
         DType::I8 => "compare_i8",
         DType::U8 => "compare_u8",
     };
+    launch_pair(name, kernel, (a, al), (b, bl), DType::U8, compare_code(op))
+}
+
+/// Runs a two-view kernel (binary, compare): `kernel(a, sa, b, sb, out, n, code)` into a new contiguous
+/// storage of `out_dtype`.
+fn launch_pair(
+    name: &'static str,
+    kernel: &'static str,
+    (a, al): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    out_dtype: DType,
+    code: u32,
+) -> Result<CudaStorage> {
     check_views(name, a, &[(a, al), (b, bl)])?;
     let n = al.shape().elem_count();
-    let out = CudaStorage::uninit(a.device(), DType::U8, n)?;
+    let out = CudaStorage::uninit(a.device(), out_dtype, n)?;
     if n == 0 {
         return Ok(out);
     }
@@ -250,7 +241,7 @@ pub fn compare(
             sb.into(),
             out.ptr().into(),
             (n as u64).into(),
-            compare_code(op).into(),
+            code.into(),
         ],
     )?;
     Ok(out)

@@ -156,41 +156,24 @@ pub fn index_select(
     split: (usize, usize, usize),
     ids: &CudaStorage,
 ) -> Result<CudaStorage> {
-    const OP: &str = "index_select";
-    let (outer, size, inner) = split;
-    let name = match x.dtype() {
-        DType::F32 => "index_select_f32",
-        DType::F16 => "index_select_f16",
-        DType::BF16 => "index_select_bf16",
-        DType::I32 => "index_select_i32",
-        DType::I8 => "index_select_i8",
-        DType::U8 => "index_select_u8",
-    };
-    check_len(OP, "x", l, outer * size * inner)?;
-    check_i32(OP, "ids", ids, ids.len())?;
-    let n = outer * ids.len() * inner;
-    let out = CudaStorage::uninit(x.device(), x.dtype(), n)?;
-    if n == 0 {
-        return Ok(out);
-    }
-    let (src, start) = contiguous(x, l)?;
-    let dev = x.device();
-    launch(
-        dev,
-        OP,
-        ("index", name),
-        grid_1d(dev, n, THREADS),
-        &[
-            Arg::from(src.ptr_at(start)),
-            out.ptr().into(),
-            ids.ptr().into(),
-            (outer as u64).into(),
-            (size as u64).into(),
-            (ids.len() as u64).into(),
-            (inner as u64).into(),
-        ],
-    )?;
-    Ok(out)
+    const NAMES: [&str; 6] = [
+        "index_select_f32",
+        "index_select_f16",
+        "index_select_bf16",
+        "index_select_i32",
+        "index_select_i8",
+        "index_select_u8",
+    ];
+    pick(
+        "index_select",
+        NAMES,
+        x,
+        l,
+        split,
+        ids,
+        ids.len(),
+        ids.len(),
+    )
 }
 
 /// base (view [outer, size, inner]) with src (view [outer, ids.len(), inner]) added at ids; float dtypes; new contiguous storage.
@@ -224,19 +207,43 @@ pub fn gather(
     ids: &CudaStorage,
     k: usize,
 ) -> Result<CudaStorage> {
-    const OP: &str = "gather";
-    let (outer, size, inner) = split;
-    let name = match x.dtype() {
-        DType::F32 => "gather_f32",
-        DType::F16 => "gather_f16",
-        DType::BF16 => "gather_bf16",
-        DType::I32 => "gather_i32",
-        DType::I8 => "gather_i8",
-        DType::U8 => "gather_u8",
-    };
-    check_len(OP, "x", l, outer * size * inner)?;
+    const NAMES: [&str; 6] = [
+        "gather_f32",
+        "gather_f16",
+        "gather_bf16",
+        "gather_i32",
+        "gather_i8",
+        "gather_u8",
+    ];
+    let (outer, _, inner) = split;
+    pick("gather", NAMES, x, l, split, ids, k, outer * k * inner)
+}
+
+/// The shared launcher of index_select and gather (kernels named per dtype in `names`, in the order f32,
+/// f16, bf16, i32, i8, u8): `k` entries picked along the middle dim of x by `id_count` i32 ids, into a
+/// new contiguous [outer, k, inner].
+#[allow(clippy::too_many_arguments)]
+fn pick(
+    op: &'static str,
+    names: [&'static str; 6],
+    x: &CudaStorage,
+    l: &Layout,
+    (outer, size, inner): (usize, usize, usize),
+    ids: &CudaStorage,
+    k: usize,
+    id_count: usize,
+) -> Result<CudaStorage> {
+    let name = names[match x.dtype() {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::I32 => 3,
+        DType::I8 => 4,
+        DType::U8 => 5,
+    }];
+    check_len(op, "x", l, outer * size * inner)?;
+    check_i32(op, "ids", ids, id_count)?;
     let n = outer * k * inner;
-    check_i32(OP, "ids", ids, n)?;
     let out = CudaStorage::uninit(x.device(), x.dtype(), n)?;
     if n == 0 {
         return Ok(out);
@@ -245,7 +252,7 @@ pub fn gather(
     let dev = x.device();
     launch(
         dev,
-        OP,
+        op,
         ("index", name),
         grid_1d(dev, n, THREADS),
         &[

@@ -7,27 +7,9 @@ use super::storage::CudaStorage;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::op::{AdamWStep, SgdStep};
 
 const THREADS: u32 = 256;
-
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    pub bc1: f32,
-    pub bc2: f32,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct SgdStep {
-    pub lr: f32,
-    pub momentum: f32,
-    pub weight_decay: f32,
-    pub nesterov: bool,
-}
 
 /// Fails unless every state storage is F32 with `n` elements, then gives each a private block (an
 /// in-place update must not reach a tensor that shares it).

@@ -51,6 +51,7 @@ impl CudaStorage {
     /// `len` zeros.
     pub fn zeros(dev: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<CudaStorage> {
         let s = CudaStorage::uninit(dev, dtype, len)?;
+        let _range = super::nvtx::range("zeros");
         dev.bind("zeros")?;
         // SAFETY: the block holds at least `len * size` bytes and is written on the device's stream,
         // which orders it before any later reader.
@@ -144,6 +145,7 @@ impl CudaStorage {
         };
         let s = CudaStorage::uninit(dev, src.dtype(), layout.shape().elem_count())?;
         if !bytes.is_empty() {
+            let _range = super::nvtx::range("to_device");
             dev.bind("to_device")?;
             // SAFETY: the block holds `bytes.len()` bytes. The source is pageable memory, so the call
             // returns only once the bytes are staged and `bytes` may be dropped afterwards.
@@ -159,6 +161,7 @@ impl CudaStorage {
         fn download<T: bytemuck::Pod + Default + Clone>(s: &CudaStorage) -> Result<Vec<T>> {
             let mut v = vec![T::default(); s.len];
             if !v.is_empty() {
+                let _range = super::nvtx::range("to_cpu");
                 s.dev.bind("to_cpu")?;
                 // SAFETY: `v` holds exactly `len` elements of the storage's type; the stream is
                 // synchronised before `v` is read or dropped.
