@@ -975,8 +975,8 @@ impl Storage {
         }
     }
 
-    /// One AdamW step in place on f32 contiguous `p`, `m`, `v` (variables' private storage) from the
-    /// gradient view `g`.
+    /// One AdamW step in place on f32 contiguous `p`, `m`, `v` (variables' storage; a GPU launcher first
+    /// gives each a private block if a clone shares it) from the gradient view `g`.
     pub fn adamw_step(
         p: &mut Storage,
         m: &mut Storage,
@@ -998,9 +998,6 @@ impl Storage {
             }
             #[cfg(feature = "cuda")]
             (Storage::Cuda(p), Storage::Cuda(m), Storage::Cuda(v), Storage::Cuda(g)) => {
-                for s in [&mut *p, &mut *m, &mut *v] {
-                    s.make_unique()?;
-                }
                 cuda::optim::adamw_step(p, m, v, g, gl, hp)
             }
             #[cfg(feature = "cuda")]
@@ -1024,8 +1021,6 @@ impl Storage {
             }
             #[cfg(feature = "cuda")]
             (Storage::Cuda(p), Storage::Cuda(b), Storage::Cuda(g)) => {
-                p.make_unique()?;
-                b.make_unique()?;
                 cuda::optim::sgd_step(p, b, g, gl, hp)
             }
             #[cfg(feature = "cuda")]

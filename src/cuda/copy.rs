@@ -3,7 +3,7 @@
 //! one 2-d driver copy per part.
 
 use super::device::{driver_err, CudaDevice};
-use super::launch::{grid_1d, launch, Strided};
+use super::launch::{dtype_index, grid_1d, launch, Strided};
 use super::CudaStorage;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -43,18 +43,6 @@ pub(super) fn check_view(op: &'static str, s: &CudaStorage, l: &Layout) -> Resul
         });
     }
     Ok(())
-}
-
-/// Row/column of `KERNELS`.
-fn dtype_index(d: DType) -> usize {
-    match d {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        DType::I32 => 3,
-        DType::I8 => 4,
-        DType::U8 => 5,
-    }
 }
 
 /// The kernel converting `[from][to]` (indexed by `dtype_index`): `cast_<from>_<to>` in cuda/copy.cu, or

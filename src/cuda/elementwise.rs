@@ -2,7 +2,7 @@
 //! each writing a new contiguous output. The op tables below are the kernels' `*_OPS` tables.
 
 use super::copy::check_view;
-use super::launch::{grid_1d, launch, Strided};
+use super::launch::{dtype_index, grid_1d, launch, Strided};
 use super::CudaStorage;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -257,14 +257,7 @@ fn where_kernel(mask: DType, value: DType) -> &'static str {
         ["where_i8_b8", "where_i8_b16", "where_i8_b32"],
         ["where_u8_b8", "where_u8_b16", "where_u8_b32"],
     ];
-    let m = match mask {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        DType::I32 => 3,
-        DType::I8 => 4,
-        DType::U8 => 5,
-    };
+    let m = dtype_index(mask);
     let v = match value.size_in_bytes() {
         1 => 0,
         2 => 1,

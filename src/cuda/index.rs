@@ -4,7 +4,7 @@
 //! small helpers the other launchers of this family share (dtype → kernel, view → kernel arguments).
 
 use super::copy::{cast, copy_strided};
-use super::launch::{grid_1d, launch, Arg, Strided};
+use super::launch::{dtype_index, grid_1d, launch, Arg, Strided};
 use super::storage::CudaStorage;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -233,14 +233,7 @@ fn pick(
     k: usize,
     id_count: usize,
 ) -> Result<CudaStorage> {
-    let name = names[match x.dtype() {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        DType::I32 => 3,
-        DType::I8 => 4,
-        DType::U8 => 5,
-    }];
+    let name = names[dtype_index(x.dtype())];
     check_len(op, "x", l, outer * size * inner)?;
     check_i32(op, "ids", ids, id_count)?;
     let n = outer * k * inner;

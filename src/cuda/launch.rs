@@ -65,6 +65,20 @@ impl Strided {
     }
 }
 
+/// The position of a dtype in the per-dtype kernel tables (f32, f16, bf16, i32, i8, u8: the order of the
+/// kernel families in cuda/*.cu).
+pub fn dtype_index(d: crate::dtype::DType) -> usize {
+    use crate::dtype::DType;
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::I32 => 3,
+        DType::I8 => 4,
+        DType::U8 => 5,
+    }
+}
+
 /// One kernel parameter.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
