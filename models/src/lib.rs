@@ -15,6 +15,7 @@
 //! - [`embed`]: sentence embeddings as JSON lines (`trit embed`).
 //! - [`inspect`]: the metadata and tensor table of a GGUF or safetensors file (`trit inspect`).
 //! - [`genbench`]: prompt and generation tokens/s of a GGUF model (`trit bench generate`).
+//! - `gpubench` (feature `cuda`): GPU kernel bandwidth, GEMM TFLOP/s and training tokens/s (`trit bench gpu`).
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
 
@@ -26,6 +27,8 @@ pub mod demo;
 pub mod embed;
 pub mod genbench;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod gpubench;
 pub mod inspect;
 pub mod llama;
 pub mod llama_gguf;

@@ -19,6 +19,7 @@ Examples:
   trit bench matmul --quick              trit's GEMM vs the gemm crate, measured in the same run
   trit bench train --json                training tokens/s vs PyTorch's CPU figure
   trit bench train --device cuda --precision bf16 --json   ... on a GPU vs PyTorch's H200 figure
+  trit bench gpu                         GPU kernels vs the device copy rate, cuBLAS GEMM TFLOP/s
   trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
   trit bench attention                   flash attention vs naive, fwd and fwd+bwd; decode per KV format
   trit bench generate --model m.gguf     prompt 512 / generate 128 tokens/s on 2 threads vs llama.cpp
@@ -195,6 +196,17 @@ enum BenchCommand {
         steps: usize,
         #[command(flatten)]
         device: DeviceArgs,
+    },
+    /// GPU throughput on cuda:0, measured in one run: memory-bound kernels (64M f32) as a fraction of
+    /// the device-to-device copy rate, GEMM TFLOP/s at 8192³ against cuBLAS's 715 (anchors.md), and
+    /// training tokens/s against PyTorch's H200 figure. Needs a build with `--features cuda`.
+    Gpu {
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Smaller sizes and fewer repetitions (about 30 s).
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -656,6 +668,21 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
                 );
                 println!("  ratio    {:>8.2}×", b.tokens_per_second / peer);
             }
+        }
+        #[cfg(feature = "cuda")]
+        BenchCommand::Gpu { json, quick } => {
+            let b = trit_models::gpubench::bench_gpu(quick)?;
+            if json {
+                println!("{}", b.to_json());
+            } else {
+                print!("{}", b.table());
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        BenchCommand::Gpu { .. } => {
+            return Err(trit::Error::NoCudaDevice(
+                "`trit bench gpu` needs a build with the CUDA backend: cargo run --release --features cuda -- bench gpu".into(),
+            ))
         }
     }
     Ok(())
