@@ -16,6 +16,7 @@
 //! - [`inspect`]: the metadata and tensor table of a GGUF or safetensors file (`trit inspect`).
 //! - [`genbench`]: prompt and generation tokens/s of a GGUF model (`trit bench generate`).
 //! - `gpubench` (feature `cuda`): GPU kernel bandwidth, GEMM TFLOP/s and training tokens/s (`trit bench gpu`).
+//! - [`rouge`]: ROUGE-1/2/L between generated and reference texts (the TBT recipe's metric).
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
 
@@ -34,4 +35,5 @@ pub mod llama;
 pub mod llama_gguf;
 pub mod llm;
 pub mod qbench;
+pub mod rouge;
 pub mod tokenizer;
