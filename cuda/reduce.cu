@@ -224,16 +224,20 @@ __device__ __forceinline__ void reduce_finish(const float *__restrict__ pv, cons
     }
 }
 
+// The descriptors are __grid_constant__ so strided_offset reads them in place from parameter space:
+// indexing their arrays at run time would otherwise copy both structs to local memory in every thread.
 #define ROWS_KERNEL(NAME, T, R)                                                                            \
-    extern "C" __global__ void NAME(const T *x, Strided rows_s, Strided cols_s, uint64_t rows, uint64_t r, \
+    extern "C" __global__ void NAME(const T *x, const __grid_constant__ Strided rows_s,                    \
+                                    const __grid_constant__ Strided cols_s, uint64_t rows, uint64_t r,     \
                                     uint32_t chunks, uint64_t clen, float *pv, int32_t *pi, void *out,     \
                                     uint32_t warp_mode) {                                                  \
         reduce_rows<T, R>(x, rows_s, cols_s, rows, r, chunks, clen, pv, pi, out, warp_mode);               \
     }
 
 #define COLS_KERNEL(NAME, T, R)                                                                            \
-    extern "C" __global__ void NAME(const T *x, Strided rows_s, uint64_t rows, uint64_t r, uint64_t cs,    \
-                                    uint32_t chunks, uint64_t clen, float *pv, int32_t *pi, void *out) {   \
+    extern "C" __global__ void NAME(const T *x, const __grid_constant__ Strided rows_s, uint64_t rows,     \
+                                    uint64_t r, uint64_t cs, uint32_t chunks, uint64_t clen, float *pv,    \
+                                    int32_t *pi, void *out) {                                              \
         reduce_cols<T, R>(x, rows_s, rows, r, cs, chunks, clen, pv, pi, out);                              \
     }
 

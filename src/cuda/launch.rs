@@ -24,6 +24,11 @@ pub struct Strided {
 // cuda/common.cuh; it is passed by value as a kernel parameter.
 unsafe impl DeviceRepr for Strided {}
 
+// The driver copies a by-value parameter with the size the PTX declares (`.align 8 .b8 [112]`), so a
+// different Rust layout would shift every field the kernels read.
+const _: () =
+    assert!(std::mem::size_of::<Strided>() == 112 && std::mem::align_of::<Strided>() == 8);
+
 impl Strided {
     /// Descriptors for views of one shape that a kernel walks together (inputs of a binary op, or a
     /// view and the contiguous output it is copied to). Dims that are contiguous in every view are

@@ -45,6 +45,8 @@ pub fn rope(
     if !d.is_multiple_of(2) {
         crate::bail!(OP, "head_dim must be even, got {d}");
     }
+    // The kernel reads x through the view's strides: the view must lie inside the storage.
+    super::copy::check_view(OP, x, l)?;
     for t in [cos, sin] {
         if t.dtype() != DType::F32 {
             return Err(Error::UnsupportedDType {

@@ -10,8 +10,7 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use cudarc::driver::LaunchConfig;
 
-/// Rows up to this long get a warp each (`WARP_ROW_MAX` in cuda/softmax.cu and cuda/norm.cu, as are the
-/// three below).
+/// Rows up to this long get a warp each (`WARP_ROW_MAX` in cuda/rows.cuh, as are the three below).
 pub(super) const WARP_ROW_MAX: usize = 512;
 /// Register slots per thread of a block-per-row kernel with 128-bit accesses: rows up to
 /// 16 × [`BLOCK_MAX_THREADS`] elements are read from memory once.
