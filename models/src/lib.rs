@@ -16,6 +16,8 @@
 //! - [`inspect`]: the metadata and tensor table of a GGUF or safetensors file (`trit inspect`).
 //! - [`genbench`]: prompt and generation tokens/s of a GGUF model (`trit bench generate`).
 //! - `gpubench` (feature `cuda`): GPU kernel bandwidth, GEMM TFLOP/s and training tokens/s (`trit bench gpu`).
+//! - [`wordnet`]: WordNet 3.0 definition modelling (input: a synset's words and example; target: its
+//!   gloss), split 90/5/5, the TBT recipe's task.
 //! - [`rouge`]: ROUGE-1/2/L between generated and reference texts (the TBT recipe's metric).
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
@@ -37,3 +39,4 @@ pub mod llm;
 pub mod qbench;
 pub mod rouge;
 pub mod tokenizer;
+pub mod wordnet;

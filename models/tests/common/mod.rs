@@ -52,6 +52,33 @@ pub fn model_file(rel: &str) -> PathBuf {
     path
 }
 
+/// WordNet 3.0's data files, running `scripts/fetch-wordnet.sh` (Debian's wordnet-base, checksummed)
+/// first when they are missing: `$TRIT_DATA/wordnet-3.0`, by default under `$HOME/.cache/trit/data`.
+// Only the WordNet tests use it; the model tests include this module too.
+#[allow(dead_code)]
+pub fn wordnet_dir() -> PathBuf {
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    let data = match std::env::var_os("TRIT_DATA") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME or TRIT_DATA is set"))
+            .join(".cache/trit/data"),
+    };
+    let dir = data.join("wordnet-3.0");
+    if !dir.join("data.noun").exists() {
+        let status = Command::new(root().join("scripts/fetch-wordnet.sh"))
+            .env("TRIT_DATA", &data)
+            .status();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "{} is missing and scripts/fetch-wordnet.sh could not fetch it ({status:?}; it needs apt-get \
+             or the network)",
+            dir.display()
+        );
+    }
+    dir
+}
+
 /// A fixture from models/tests/fixtures/, parsed.
 pub fn fixture(name: &str) -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
