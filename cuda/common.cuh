@@ -34,6 +34,14 @@ __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Any element as f32, as the CPU's to_f32_vec reads it (integers round to nearest).
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return to_f32(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return to_f32(x); }
+__device__ __forceinline__ float widen(int32_t x) { return (float)x; }
+__device__ __forceinline__ float widen(int8_t x) { return (float)x; }
+__device__ __forceinline__ float widen(uint8_t x) { return (float)x; }
+
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }

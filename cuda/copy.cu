@@ -3,14 +3,6 @@
 // rules (cast_<from>_<to>). Fill and cat need no kernel: they are driver memsets and 2-d copies.
 #include "walk.cuh"
 
-// Any element as f32, as the CPU's to_f32_vec reads it (integers round to nearest).
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return to_f32(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return to_f32(x); }
-__device__ __forceinline__ float widen(int32_t x) { return (float)x; }
-__device__ __forceinline__ float widen(int8_t x) { return (float)x; }
-__device__ __forceinline__ float widen(uint8_t x) { return (float)x; }
-
 // ---- Conversions ----------------------------------------------------------------------------------
 
 template <typename T> struct IsInt {

@@ -85,14 +85,6 @@ __device__ __forceinline__ void map3(const M *__restrict__ m, const Strided &sm,
     }
 }
 
-// Any element as f32, as the CPU's to_f32_vec reads it (integers round to nearest).
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return to_f32(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return to_f32(x); }
-__device__ __forceinline__ float widen(int32_t x) { return (float)x; }
-__device__ __forceinline__ float widen(int8_t x) { return (float)x; }
-__device__ __forceinline__ float widen(uint8_t x) { return (float)x; }
-
 // ---- Unary ops ------------------------------------------------------------------------------------
 
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
