@@ -18,12 +18,15 @@
 //! - `gpubench` (feature `cuda`): GPU kernel bandwidth, GEMM TFLOP/s and training tokens/s (`trit bench gpu`).
 //! - [`wordnet`]: WordNet 3.0 definition modelling (input: a synset's words and example; target: its
 //!   gloss), split 90/5/5, the TBT recipe's task.
+//! - [`bart`]: a BART-style encoder-decoder returning the hidden states and attention maps that
+//!   distillation compares (the TBT recipe's model).
 //! - [`beam`]: beam search over any autoregressive decoder (fairseq/Hugging Face semantics).
 //! - [`rouge`]: ROUGE-1/2/L between generated and reference texts (the TBT recipe's metric).
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
 
 pub mod attnbench;
+pub mod bart;
 pub mod beam;
 pub mod bench;
 pub mod bert;
