@@ -21,6 +21,7 @@
 //! - [`bart`]: a BART-style encoder-decoder returning the hidden states and attention maps that
 //!   distillation compares (the TBT recipe's model).
 //! - [`beam`]: beam search over any autoregressive decoder (fairseq/Hugging Face semantics).
+//! - [`tbt`]: the TBT recipe's distillation objective (CE + soft CE + hidden-state and attention MSE).
 //! - [`rouge`]: ROUGE-1/2/L between generated and reference texts (the TBT recipe's metric).
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
@@ -43,5 +44,6 @@ pub mod llama_gguf;
 pub mod llm;
 pub mod qbench;
 pub mod rouge;
+pub mod tbt;
 pub mod tokenizer;
 pub mod wordnet;
