@@ -7,10 +7,136 @@
 //! The forward pass returns what distillation needs besides the logits: every layer's hidden states and
 //! the attention probabilities of each self-, cross- and decoder attention (papers.md §1 puts an MSE on
 //! all of them), so attention is computed explicitly (scores, mask, softmax) rather than fused.
+//!
+//! A student built with a [`BartQuant`] quantizes where TBT does: the token embeddings (per row; the
+//! learned position tables stay in full precision), the weights of every linear layer (per output row)
+//! and, with activation bits, the input of every linear layer, q, k and v before the attention matmul and
+//! the attention probabilities before their matmul with v. Its parameters have the teacher's names (plus
+//! the activation steps `alpha`), so [`ParamStore::load`] initialises it from the teacher.
 
 use std::fmt;
-use trit::nn::{Embedding, GeluMlp, Init, LayerNorm, Linear, MlpConfig, MlpKind, ParamStore};
+use trit::nn::{
+    ActQuant, Embedding, Init, LayerNorm, Linear, ParamStore, QuantLinear, QuantLinearConfig,
+};
+use trit::quant::quantizers::{ElasticQuantizer, Granularity, Quantizer, TbtForm};
 use trit::{Error, Result, Tensor};
+
+/// What a student quantizes: TBT's E-W-A settings, or a baseline's weight quantizer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BartQuant {
+    /// The token embedding table's quantizer (per row), or `None` for full precision.
+    pub embedding: Option<Quantizer>,
+    /// Every linear layer's weight quantizer (per output row).
+    pub weight: Quantizer,
+    /// Activation bits (1, 2 or 8), or `None` for full-precision activations. 1 and 2 bits use TBT's
+    /// elastic quantizer with a learnable step; 8 bits a per-tensor min-max quantizer.
+    pub act_bits: Option<u32>,
+}
+
+impl BartQuant {
+    /// TBT at E-W-A bits (1 = binary, 2 = ternary for embeddings and weights; activations 1, 2 or 8),
+    /// in the paper's form.
+    pub fn tbt(e: u32, w: u32, a: u32) -> Result<BartQuant> {
+        let weight = |bits: u32| match bits {
+            1 => Ok(Quantizer::TbtBinary(TbtForm::Paper)),
+            2 => Ok(Quantizer::TbtTernary(TbtForm::Paper)),
+            _ => Err(Error::Msg(format!(
+                "TBT quantizes weights and embeddings to 1 or 2 bits, got {bits}"
+            ))),
+        };
+        if ![1, 2, 8].contains(&a) {
+            trit::bail!("BartQuant", "activation bits must be 1, 2 or 8, got {a}");
+        }
+        Ok(BartQuant {
+            embedding: Some(weight(e)?),
+            weight: weight(w)?,
+            act_bits: Some(a),
+        })
+    }
+
+    /// The input quantization of a linear layer (its inputs may be negative).
+    fn linear_act(&self) -> ActQuant {
+        match self.act_bits {
+            None => ActQuant::None,
+            Some(8) => ActQuant::Rule(
+                Quantizer::MinMax {
+                    bits: 8,
+                    symmetric: true,
+                },
+                Granularity::PerTensor,
+            ),
+            Some(bits) => ActQuant::Elastic { bits, signed: true },
+        }
+    }
+}
+
+/// An activation quantizer inside attention (q, k, v, or the probabilities).
+enum ActQ {
+    Elastic(ElasticQuantizer),
+    MinMax,
+}
+
+impl ActQ {
+    /// `signed` for q, k and v; the probabilities are non-negative.
+    fn new(params: &ParamStore, name: &str, bits: u32, signed: bool) -> Result<ActQ> {
+        if bits >= 8 {
+            return Ok(ActQ::MinMax);
+        }
+        let alpha = params.pp(name).get_or_init("alpha", 1, Init::Const(1.0))?;
+        Ok(ActQ::Elastic(ElasticQuantizer::with_alpha(
+            alpha, bits, signed,
+        )?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            ActQ::Elastic(q) => q.forward(x),
+            ActQ::MinMax => Quantizer::MinMax {
+                bits: 8,
+                symmetric: false,
+            }
+            .fake_quant(x, Granularity::PerTensor),
+        }
+    }
+}
+
+/// A projection: full precision, or quantization-aware (same parameter names).
+enum Proj {
+    Dense(Linear),
+    Quant(QuantLinear),
+}
+
+impl Proj {
+    fn new(params: &ParamStore, i: usize, o: usize, quant: Option<&BartQuant>) -> Result<Proj> {
+        match quant {
+            None => Ok(Proj::Dense(Linear::with_init(
+                params,
+                i,
+                o,
+                true,
+                Init::Normal(0.02),
+                Init::Zeros,
+            )?)),
+            Some(q) => Ok(Proj::Quant(QuantLinear::new(
+                params,
+                i,
+                o,
+                QuantLinearConfig {
+                    weight: q.weight,
+                    act: q.linear_act(),
+                    bias: true,
+                },
+            )?)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Proj::Dense(l) => l.forward(x),
+            Proj::Quant(l) => l.forward(x),
+        }
+    }
+}
 
 /// The shape of a model.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -68,13 +194,14 @@ impl fmt::Display for BartConfig {
 }
 
 /// Multi-head attention with its probabilities kept: q from `x`, k and v from `kv`.
-#[derive(Clone, Debug)]
 struct MultiHead {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    out: Proj,
     heads: usize,
+    /// Quantizers of q, k, v and of the probabilities, when activations are quantized.
+    acts: Option<[ActQ; 4]>,
 }
 
 /// Which keys a query sees.
@@ -87,17 +214,17 @@ enum Mask<'a> {
 }
 
 impl MultiHead {
-    fn new(params: &ParamStore, cfg: &BartConfig) -> Result<Self> {
+    fn new(params: &ParamStore, cfg: &BartConfig, quant: Option<&BartQuant>) -> Result<Self> {
         let h = cfg.hidden;
-        let lin = |name: &str| {
-            Linear::with_init(
-                &params.pp(name),
-                h,
-                h,
-                true,
-                Init::Normal(0.02),
-                Init::Zeros,
-            )
+        let lin = |name: &str| Proj::new(&params.pp(name), h, h, quant);
+        let acts = match quant.and_then(|q| q.act_bits) {
+            None => None,
+            Some(bits) => Some([
+                ActQ::new(params, "q_quant", bits, true)?,
+                ActQ::new(params, "k_quant", bits, true)?,
+                ActQ::new(params, "v_quant", bits, true)?,
+                ActQ::new(params, "probs_quant", bits, false)?,
+            ]),
         };
         Ok(MultiHead {
             q: lin("q_proj")?,
@@ -105,6 +232,7 @@ impl MultiHead {
             v: lin("v_proj")?,
             out: lin("out_proj")?,
             heads: cfg.heads,
+            acts,
         })
     }
 
@@ -114,49 +242,61 @@ impl MultiHead {
             trit::bail!("Bart attention", "expected [batch, seq, hidden] inputs");
         };
         let d = h / self.heads;
+        let act = |i: usize, t: Tensor| match &self.acts {
+            Some(a) => a[i].forward(&t),
+            None => Ok(t),
+        };
         let split = |t: Tensor, len: usize| t.reshape((b, len, self.heads, d))?.transpose(1, 2);
-        let q = split(self.q.forward(x)?, tq)?;
-        let k = split(self.k.forward(kv)?, tk)?;
-        let v = split(self.v.forward(kv)?, tk)?;
+        let q = split(act(0, self.q.forward(x)?)?, tq)?;
+        let k = split(act(1, self.k.forward(kv)?)?, tk)?;
+        let v = split(act(2, self.v.forward(kv)?)?, tk)?;
         let scores = q.matmul(&k.t()?)?.mul_scalar(1.0 / (d as f32).sqrt())?;
         let probs = match mask {
             Mask::Padding(bias) => scores.add(bias)?.softmax(-1)?,
             Mask::Causal => scores.causal_softmax()?,
         };
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, h))?;
+        // Distillation compares the probabilities before they are quantized for the matmul with v.
+        let y = act(3, probs.clone())?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, tq, h))?;
         Ok((self.out.forward(&y)?, probs))
     }
 }
 
-#[derive(Clone, Debug)]
 struct EncoderLayer {
     attn: MultiHead,
     attn_norm: LayerNorm,
-    mlp: GeluMlp,
+    mlp: Mlp,
     mlp_norm: LayerNorm,
 }
 
-#[derive(Clone, Debug)]
 struct DecoderLayer {
     attn: MultiHead,
     attn_norm: LayerNorm,
     cross: MultiHead,
     cross_norm: LayerNorm,
-    mlp: GeluMlp,
+    mlp: Mlp,
     mlp_norm: LayerNorm,
 }
 
-fn mlp(params: &ParamStore, cfg: &BartConfig) -> Result<GeluMlp> {
-    GeluMlp::new(
-        params,
-        &MlpConfig {
-            kind: MlpKind::Gelu,
-            hidden: cfg.hidden,
-            ffn_hidden: cfg.ffn_hidden,
-            init: Init::Normal(0.02),
-            out_init: Init::Normal(0.02),
-        },
-    )
+/// The GELU feed-forward: `fc1` [ffn, hidden] and `fc2` [hidden, ffn], as BART names them.
+struct Mlp {
+    fc1: Proj,
+    fc2: Proj,
+}
+
+impl Mlp {
+    fn new(params: &ParamStore, cfg: &BartConfig, quant: Option<&BartQuant>) -> Result<Mlp> {
+        Ok(Mlp {
+            fc1: Proj::new(&params.pp("fc1"), cfg.hidden, cfg.ffn_hidden, quant)?,
+            fc2: Proj::new(&params.pp("fc2"), cfg.ffn_hidden, cfg.hidden, quant)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+    }
 }
 
 /// Everything a forward pass computes that distillation compares between teacher and student.
@@ -179,6 +319,7 @@ pub struct BartOutput {
 /// The model; its parameters live in the [`ParamStore`] it was built on.
 pub struct Bart {
     cfg: BartConfig,
+    quant: Option<BartQuant>,
     embed: Embedding,
     encoder_positions: Embedding,
     decoder_positions: Embedding,
@@ -189,8 +330,19 @@ pub struct Bart {
 }
 
 impl Bart {
+    /// A full-precision model.
     pub fn new(params: &ParamStore, cfg: BartConfig) -> Result<Self> {
+        Bart::build(params, cfg, None)
+    }
+
+    /// A quantization-aware student (load the teacher's parameters into `params` to start from it).
+    pub fn quantized(params: &ParamStore, cfg: BartConfig, quant: BartQuant) -> Result<Self> {
+        Bart::build(params, cfg, Some(quant))
+    }
+
+    fn build(params: &ParamStore, cfg: BartConfig, quant: Option<BartQuant>) -> Result<Self> {
         cfg.validate()?;
+        let q = quant.as_ref();
         let norm = |p: &ParamStore| LayerNorm::new(p, cfg.hidden, cfg.norm_eps, true);
         let table =
             |p: &ParamStore, n: usize| Embedding::with_init(p, n, cfg.hidden, Init::Normal(0.02));
@@ -198,9 +350,9 @@ impl Bart {
             .map(|i| {
                 let p = params.pp(format!("encoder.layers.{i}"));
                 Ok(EncoderLayer {
-                    attn: MultiHead::new(&p.pp("self_attn"), &cfg)?,
+                    attn: MultiHead::new(&p.pp("self_attn"), &cfg, q)?,
                     attn_norm: norm(&p.pp("self_attn_layer_norm"))?,
-                    mlp: mlp(&p, &cfg)?,
+                    mlp: Mlp::new(&p, &cfg, q)?,
                     mlp_norm: norm(&p.pp("final_layer_norm"))?,
                 })
             })
@@ -209,11 +361,11 @@ impl Bart {
             .map(|i| {
                 let p = params.pp(format!("decoder.layers.{i}"));
                 Ok(DecoderLayer {
-                    attn: MultiHead::new(&p.pp("self_attn"), &cfg)?,
+                    attn: MultiHead::new(&p.pp("self_attn"), &cfg, q)?,
                     attn_norm: norm(&p.pp("self_attn_layer_norm"))?,
-                    cross: MultiHead::new(&p.pp("encoder_attn"), &cfg)?,
+                    cross: MultiHead::new(&p.pp("encoder_attn"), &cfg, q)?,
                     cross_norm: norm(&p.pp("encoder_attn_layer_norm"))?,
-                    mlp: mlp(&p, &cfg)?,
+                    mlp: Mlp::new(&p, &cfg, q)?,
                     mlp_norm: norm(&p.pp("final_layer_norm"))?,
                 })
             })
@@ -227,6 +379,7 @@ impl Bart {
             encoder,
             decoder,
             cfg,
+            quant,
         })
     }
 
@@ -234,8 +387,26 @@ impl Bart {
         &self.cfg
     }
 
+    /// The token embedding table as the model uses it (fake-quantized per row in a student).
+    fn table(&self) -> Result<Tensor> {
+        let w = self
+            .embed
+            .weight()
+            .ok_or_else(|| Error::Msg("Bart: the embedding table is packed".into()))?;
+        match self.quant.and_then(|q| q.embedding) {
+            Some(q) => q.fake_quant(w, Granularity::PerRow),
+            None => Ok(w.clone()),
+        }
+    }
+
     /// Token plus position embeddings of `ids [b, t]`, normalised.
-    fn embed(&self, ids: &Tensor, positions: &Embedding, norm: &LayerNorm) -> Result<Tensor> {
+    fn embed(
+        &self,
+        table: &Tensor,
+        ids: &Tensor,
+        positions: &Embedding,
+        norm: &LayerNorm,
+    ) -> Result<Tensor> {
         let &[_, t] = ids.dims() else {
             trit::bail!(
                 "Bart",
@@ -251,7 +422,7 @@ impl Bart {
             );
         }
         let pos = positions.forward(&Tensor::arange(0, t as i64, trit::Device::Cpu)?)?;
-        norm.forward(&self.embed.forward(ids)?.add(&pos)?)
+        norm.forward(&table.embedding(ids)?.add(&pos)?)
     }
 
     /// `source [b, s]` (with `source_mask [b, s]`, nonzero for real tokens) and the decoder input
@@ -294,7 +465,13 @@ impl Bart {
         )?
         .reshape((b, 1, 1, s))?;
 
-        let mut x = self.embed(source, &self.encoder_positions, &self.encoder_embed_norm)?;
+        let table = self.table()?;
+        let mut x = self.embed(
+            &table,
+            source,
+            &self.encoder_positions,
+            &self.encoder_embed_norm,
+        )?;
         let mut encoder_hidden = vec![x.clone()];
         let mut encoder_attention = Vec::with_capacity(self.encoder.len());
         for l in &self.encoder {
@@ -306,7 +483,12 @@ impl Bart {
         }
         let memory = x;
 
-        let mut y = self.embed(target, &self.decoder_positions, &self.decoder_embed_norm)?;
+        let mut y = self.embed(
+            &table,
+            target,
+            &self.decoder_positions,
+            &self.decoder_embed_norm,
+        )?;
         let mut decoder_hidden = vec![y.clone()];
         let (mut decoder_attention, mut cross_attention) = (Vec::new(), Vec::new());
         for l in &self.decoder {
@@ -320,7 +502,7 @@ impl Bart {
             cross_attention.push(pc);
         }
         Ok(BartOutput {
-            logits: self.embed.unembed(&y)?,
+            logits: y.matmul(&table.t()?)?,
             encoder_hidden,
             decoder_hidden,
             encoder_attention,
@@ -328,6 +510,20 @@ impl Bart {
             cross_attention,
         })
     }
+}
+
+/// Copies every parameter of `teacher` into the same-named parameter of `student` (TBT's students start
+/// from their teacher); the student's own extras (activation steps) keep their values.
+pub fn init_student_from(teacher: &ParamStore, student: &ParamStore) -> Result<()> {
+    for (name, t) in teacher.all() {
+        let s = student.get(&name).ok_or_else(|| {
+            Error::Msg(format!(
+                "the student has no parameter {name} to take from the teacher"
+            ))
+        })?;
+        s.set(&t)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -435,6 +631,73 @@ mod tests {
         Ok(())
     }
 
+    /// A TBT student starts as its teacher's weights quantized: its embedding rows hold at most three
+    /// values (ternary), it computes something close to but not equal to the teacher, every activation
+    /// step gets a gradient, and distilling lowers the loss.
+    #[test]
+    fn a_tbt_student_starts_from_its_teacher_and_learns_from_it() -> Result<()> {
+        let teacher_ps = ParamStore::new(3, DType::F32, Device::Cpu);
+        let teacher = Bart::new(&teacher_ps, small())?;
+        let student_ps = ParamStore::new(4, DType::F32, Device::Cpu);
+        let student = Bart::quantized(&student_ps, small(), BartQuant::tbt(2, 2, 2)?)?;
+        init_student_from(&teacher_ps, &student_ps)?;
+        for row in &student.table()?.to_vec2_f32()? {
+            let mut vals: Vec<f32> = row.clone();
+            vals.sort_by(f32::total_cmp);
+            vals.dedup();
+            assert!(vals.len() <= 3, "a ternary row has {} values", vals.len());
+        }
+        let src = ids(&[5, 6, 7, 8, 9, 10], 2);
+        let mask = ids(&[1; 6], 2);
+        let dec_in = ids(&[1, 5, 6, 1, 8, 9], 2);
+        let targets = ids(&[5, 6, 7, 8, 9, 10], 2);
+        let t_out = {
+            let _g = trit::no_grad();
+            teacher.forward(&src, &mask, &dec_in)?
+        };
+        let s_out = student.forward(&src, &mask, &dec_in)?;
+        let (tl, sl) = (t_out.logits.to_vec_f32(), s_out.logits.to_vec_f32());
+        assert!(sl.iter().all(|v| v.is_finite()));
+        assert_ne!(tl, sl, "quantization changes the function");
+        let loss = crate::tbt::distillation_loss(&s_out, &t_out, &targets, None)?;
+        let grads = loss.total.backward()?;
+        let alphas: Vec<(String, Tensor)> = student_ps
+            .all()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with("alpha"))
+            .collect();
+        // q, k, v and probabilities in 6 attentions, plus the inputs of 4·6 + 2·4 linear layers.
+        assert_eq!(alphas.len(), 4 * 6 + 4 * 6 + 2 * 4);
+        for (n, a) in &alphas {
+            assert!(grads.get(a).is_some(), "{n} gets no gradient");
+        }
+        let first = loss.total.to_scalar()?;
+        let mut opt = trit::optim::AdamW::new(
+            student_ps.all(),
+            trit::optim::AdamWConfig {
+                lr: 3e-3,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
+        use trit::optim::Optimizer;
+        opt.step(&grads)?;
+        for _ in 0..20 {
+            let s_out = student.forward(&src, &mask, &dec_in)?;
+            let l = crate::tbt::distillation_loss(&s_out, &t_out, &targets, None)?;
+            opt.step(&l.total.backward()?)?;
+        }
+        let s_out = student.forward(&src, &mask, &dec_in)?;
+        let last = crate::tbt::distillation_loss(&s_out, &t_out, &targets, None)?
+            .total
+            .to_scalar()?;
+        assert!(
+            last < first,
+            "distillation did not lower the loss: {first} -> {last}"
+        );
+        Ok(())
+    }
+
     #[test]
     fn bad_shapes_are_errors() -> Result<()> {
         let ps = ParamStore::new(0, DType::F32, Device::Cpu);
@@ -446,6 +709,8 @@ mod tests {
             }
         )
         .is_err());
+        assert!(BartQuant::tbt(3, 2, 8).is_err());
+        assert!(BartQuant::tbt(2, 2, 4).is_err());
         let m = Bart::new(&ps, small())?;
         let src = ids(&[5, 6, 7], 1);
         assert!(m.forward(&src, &ids(&[1, 1], 1), &ids(&[1], 1)).is_err());
