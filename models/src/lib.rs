@@ -22,6 +22,7 @@
 //!   distillation compares (the TBT recipe's model).
 //! - [`beam`]: beam search over any autoregressive decoder (fairseq/Hugging Face semantics).
 //! - [`tbt`]: the TBT recipe's distillation objective (CE + soft CE + hidden-state and attention MSE).
+//! - [`seq2seq`]: byte-level encoder-decoder batches (BOS/EOS/PAD, shifted decoder inputs).
 //! - [`rouge`]: ROUGE-1/2/L between generated and reference texts (the TBT recipe's metric).
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
@@ -44,6 +45,7 @@ pub mod llama_gguf;
 pub mod llm;
 pub mod qbench;
 pub mod rouge;
+pub mod seq2seq;
 pub mod tbt;
 pub mod tokenizer;
 pub mod wordnet;
