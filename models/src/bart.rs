@@ -611,6 +611,7 @@ pub fn init_student_from(teacher: &ParamStore, student: &ParamStore) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trit::optim::{AdamW, AdamWConfig, Optimizer};
     use trit::{DType, Device};
 
     fn small() -> BartConfig {
@@ -624,6 +625,18 @@ mod tests {
             max_positions: 12,
             norm_eps: 1e-5,
         }
+    }
+
+    /// AdamW over every parameter of `ps`.
+    fn adamw(ps: &ParamStore, lr: f32, weight_decay: f32) -> Result<AdamW> {
+        AdamW::new(
+            ps.all(),
+            AdamWConfig {
+                lr,
+                weight_decay,
+                ..Default::default()
+            },
+        )
     }
 
     fn ids(v: &[i32], b: usize) -> Tensor {
@@ -685,14 +698,7 @@ mod tests {
     fn learns_to_copy_its_input() -> Result<()> {
         let ps = ParamStore::new(2, DType::F32, Device::Cpu);
         let m = Bart::new(&ps, small())?;
-        let mut opt = trit::optim::AdamW::new(
-            ps.all(),
-            trit::optim::AdamWConfig {
-                lr: 1e-2,
-                ..Default::default()
-            },
-        )?;
-        use trit::optim::Optimizer;
+        let mut opt = adamw(&ps, 1e-2, 0.01)?;
         // Copy task: target = BOS(1) + source; predict the source tokens.
         let src = ids(&[10, 11, 12, 13, 20, 21, 22, 23], 2);
         let mask = ids(&[1; 8], 2);
@@ -754,15 +760,7 @@ mod tests {
             assert!(grads.get(a).is_some(), "{n} gets no gradient");
         }
         let first = loss.total.to_scalar()?;
-        let mut opt = trit::optim::AdamW::new(
-            student_ps.all(),
-            trit::optim::AdamWConfig {
-                lr: 3e-3,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
-        )?;
-        use trit::optim::Optimizer;
+        let mut opt = adamw(&student_ps, 3e-3, 0.0)?;
         opt.step(&grads)?;
         for _ in 0..20 {
             let s_out = student.forward(&src, &mask, &dec_in)?;
@@ -786,14 +784,7 @@ mod tests {
     fn beam_search_generates_what_it_learned() -> Result<()> {
         let ps = ParamStore::new(5, DType::F32, Device::Cpu);
         let m = Bart::new(&ps, small())?;
-        let mut opt = trit::optim::AdamW::new(
-            ps.all(),
-            trit::optim::AdamWConfig {
-                lr: 1e-2,
-                ..Default::default()
-            },
-        )?;
-        use trit::optim::Optimizer;
+        let mut opt = adamw(&ps, 1e-2, 0.01)?;
         let src = ids(&[10, 11, 12, 20, 21, 22], 2);
         let mask = ids(&[1; 6], 2);
         let dec_in = ids(&[1, 10, 11, 12, 1, 20, 21, 22], 2);
