@@ -1,7 +1,8 @@
 //! The committed PTX against its sources: every cuda/<name>.cu has a ptx/<name>.ptx whose header records
 //! the sha256 of that source and of the shared headers cuda/*.cuh (so editing a kernel without running
 //! cuda/build-ptx.sh fails here), the embedded module list is exactly ptx/, and every PTX file assembles
-//! with ptxas for sm_80 and sm_90a without register spills.
+//! with ptxas for sm_80 and sm_90a without register spills, and each has a current ptxas report beside it
+//! (ptx/<name>.ptxas.txt: registers, shared memory and spills of every kernel).
 //!
 //! ptxas comes from `TRIT_PTXAS`, the PATH, or scripts/cuda-toolchain.sh's install. Where none is found
 //! the assembly check is skipped with a note, unless `TRIT_REQUIRE_PTXAS=1` (set by .ci/run, which
@@ -90,6 +91,51 @@ fn ptx_is_up_to_date_with_its_cuda_sources() {
             text.lines().any(|l| l.starts_with(".version ")),
             "ptx/{name}.ptx has no PTX body"
         );
+    }
+}
+
+/// Every PTX file has its ptxas resource report beside it (ptx/<name>.ptxas.txt, written by
+/// cuda/build-ptx.sh), made from exactly that PTX, listing each of its kernels for sm_80 and sm_90a with
+/// no spills.
+#[test]
+fn every_ptx_has_a_current_ptxas_report() {
+    for name in stems("ptx", "ptx") {
+        let path = root().join(format!("ptx/{name}.ptxas.txt"));
+        let report = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}; run cuda/build-ptx.sh {name}", path.display()));
+        let ptx_path = root().join(format!("ptx/{name}.ptx"));
+        let want = format!("# ptx sha256: {}", sha256_hex(&ptx_path));
+        assert!(
+            report.lines().any(|l| l == want),
+            "ptx/{name}.ptxas.txt describes another ptx/{name}.ptx; run cuda/build-ptx.sh {name}"
+        );
+        let ptx = std::fs::read_to_string(&ptx_path).unwrap();
+        let kernels: BTreeSet<&str> = ptx
+            .lines()
+            .filter_map(|l| l.strip_prefix(".visible .entry "))
+            .map(|l| l.split('(').next().unwrap_or(l).trim())
+            .collect();
+        for arch in ["sm_80", "sm_90a"] {
+            let mut listed = BTreeSet::new();
+            for line in report
+                .lines()
+                .filter(|l| l.starts_with(&format!("{arch} ")))
+            {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                assert_eq!(f.len(), 7, "ptx/{name}.ptxas.txt: malformed line {line:?}");
+                assert_eq!(
+                    (f[5], f[6]),
+                    ("0", "0"),
+                    "ptx/{name}.ptxas.txt: {} spills on {arch}",
+                    f[1]
+                );
+                listed.insert(f[1]);
+            }
+            assert_eq!(
+                listed, kernels,
+                "ptx/{name}.ptxas.txt must list every kernel of ptx/{name}.ptx for {arch}"
+            );
+        }
     }
 }
 
