@@ -201,6 +201,38 @@ impl Tensor {
         self.0.storage.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `f` on the device storage under this tensor when it lives on a GPU (for launching custom
+    /// kernels and testing launchers); `None` on the CPU. The storage is the whole buffer: the tensor's
+    /// [`Tensor::layout`] says which of its elements are this tensor's.
+    #[cfg(feature = "cuda")]
+    pub fn with_cuda_storage<R>(
+        &self,
+        f: impl FnOnce(&crate::cuda::CudaStorage) -> R,
+    ) -> Option<R> {
+        match &*self.storage() {
+            Storage::Cuda(s) => Some(f(s)),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// A contiguous tensor of `shape` over device storage a kernel wrote (its dtype and device become
+    /// the tensor's); the storage must hold exactly the shape's element count.
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda_storage(
+        storage: crate::cuda::CudaStorage,
+        shape: impl Into<Shape>,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        if storage.len() != shape.elem_count() {
+            crate::bail!(
+                "Tensor::from_cuda_storage",
+                "{} elements cannot have shape {shape}",
+                storage.len()
+            );
+        }
+        Ok(Tensor::from_storage(Storage::Cuda(storage), shape, None))
+    }
+
     /// True when both tensors view the same storage buffer.
     pub fn same_storage(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.0.storage, &other.0.storage)

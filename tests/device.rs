@@ -52,6 +52,21 @@ fn a_missing_gpu_is_an_error_from_every_entry_point() {
         ),
         Err(Error::NoCudaDevice(_))
     ));
+    let q = trit::quant::QTensor::quantize(
+        &[0.5, -0.25, 0.0, 1.0],
+        2,
+        2,
+        trit::quant::QFormat::Int8 {
+            group: trit::quant::Group::Row,
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        q.prepare_device(Device::Cuda(0)),
+        Err(Error::NoCudaDevice(_))
+    ));
+    assert_eq!(q.device_bytes(), 0);
+    q.prepare_device(Device::Cpu).unwrap();
 }
 
 #[cfg(feature = "cuda")]

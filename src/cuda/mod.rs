@@ -14,6 +14,9 @@ pub mod norm;
 pub mod nvtx;
 pub mod optim;
 pub mod ptx;
+pub mod qgemm;
+pub mod qgemv;
+pub mod qmatmul;
 pub mod reduce;
 pub mod rope;
 pub mod softmax;
@@ -21,4 +24,5 @@ pub mod storage;
 
 pub use alloc::PoolStats;
 pub use device::{probe, CudaDevice, DeviceProps};
+pub use qmatmul::CudaQWeights;
 pub use storage::{set_poison, CudaStorage};

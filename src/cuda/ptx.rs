@@ -9,6 +9,8 @@ pub const MODULES: &[(&str, &str)] = &[
     ("loss", include_str!("../../ptx/loss.ptx")),
     ("norm", include_str!("../../ptx/norm.ptx")),
     ("optim", include_str!("../../ptx/optim.ptx")),
+    ("qgemm", include_str!("../../ptx/qgemm.ptx")),
+    ("qgemv", include_str!("../../ptx/qgemv.ptx")),
     ("reduce", include_str!("../../ptx/reduce.ptx")),
     ("rope", include_str!("../../ptx/rope.ptx")),
     ("softmax", include_str!("../../ptx/softmax.ptx")),

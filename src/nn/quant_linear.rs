@@ -11,6 +11,7 @@ use crate::cpu::qmatmul::{self, ActMode, BinaryActs, Int8Acts, QIsa};
 use crate::error::{Error, Result};
 use crate::quant::quantizers::{ElasticQuantizer, Granularity, Quantizer};
 use crate::quant::{Group, QFormat, QTensor};
+use crate::storage::Device;
 use crate::tensor::{no_grad, Tensor};
 
 /// How a layer's inputs are quantized.
@@ -280,12 +281,20 @@ impl QuantLinear {
     /// quantizer (int8 codes, or signs for binary × binary), so no second rounding changes them.
     fn packed_forward(&self, q: &QTensor, x: &Tensor) -> Result<Tensor> {
         let _guard = no_grad();
+        if matches!(self.act, ActState::None) {
+            return q.matmul(x, ActMode::F32);
+        }
+        if x.device().is_cuda() {
+            // The activation quantizers run on the CPU: the input makes a round trip, and the packed
+            // CUDA kernels multiply its quantized values (exact in f32) by the weights on the device.
+            let xq = self.quantize_input(&x.to_device(Device::Cpu)?)?;
+            return q.matmul(&xq.to_device(x.device())?, ActMode::F32);
+        }
         let (m, k) = (x.dims()[0], x.dims()[1]);
         let w = q.packed();
         let isa = QIsa::best();
         let mut out = vec![0f32; m * q.rows()];
         match &self.act {
-            ActState::None => return q.matmul(x, ActMode::F32),
             ActState::Rule(quant, gran) if !quant.is_asymmetric() => {
                 let parts = quant.parts(x, *gran)?;
                 let scales = if parts.scales.len() == m {

@@ -23,6 +23,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use super::device::DeviceCopies;
 use crate::cpu::qmatmul::interleaved::{self, Interleaved};
 use crate::cpu::qmatmul::{qmatmul, ActMode, PackedWeights, QIsa};
 use crate::error::{Error, Result};
@@ -163,6 +164,10 @@ pub struct QTensor {
     code_sums: Vec<i32>,
     /// The tile layout of `ActMode::Int8Blocks`, made on its first use.
     tiles: OnceLock<Arc<Interleaved>>,
+    /// The packed bytes on the GPUs this matrix has run on (see `quant::device`); only CUDA builds
+    /// have GPUs to hold them.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) device_copies: DeviceCopies,
 }
 
 impl QTensor {
@@ -247,6 +252,7 @@ impl QTensor {
             mins,
             code_sums,
             tiles: OnceLock::new(),
+            device_copies: DeviceCopies::default(),
         })
     }
 
@@ -336,6 +342,7 @@ impl QTensor {
             mins,
             code_sums: Vec::new(),
             tiles: OnceLock::new(),
+            device_copies: DeviceCopies::default(),
         };
         // Unpacking validates every code (a 2-bit 3 or an int8 −128 is corrupt); packing again rewrites
         // the row padding to its canonical zero-weight form, which the kernels rely on (XNOR-popcount
@@ -413,6 +420,8 @@ impl QTensor {
 
     /// y = x̂ · Ŵᵀ for x [.., cols] f32: the packed kernels with the best instruction set, activations in
     /// the `act` form (f32, per-token int8, or per-token binary for binary weights). Returns [.., rows].
+    /// For x on a GPU the packed CUDA kernels run there (the weights are uploaded on first use, see
+    /// [`QTensor::prepare_device`]) and the result has x's float dtype; on the CPU it is f32.
     /// An inference op: the result does not track gradients (training uses the fake-quant path of
     /// `nn::QuantLinear`).
     pub fn matmul(&self, x: &Tensor, act: ActMode) -> Result<Tensor> {
@@ -451,15 +460,11 @@ impl QTensor {
                 self.format
             );
         }
+        if x.device().is_cuda() {
+            return self.matmul_device(x, act);
+        }
         if !QIsa::available().contains(&isa) {
             crate::bail!("QTensor::matmul", "this CPU cannot run {isa:?}");
-        }
-        if x.device() != crate::Device::Cpu {
-            crate::bail!(
-                "QTensor::matmul",
-                "packed weights run on the CPU; the input lives on {} (use dense weights on a GPU)",
-                x.device()
-            );
         }
         let m: usize = lead.iter().product();
         let mut out = vec![0f32; m * self.rows];
@@ -485,6 +490,7 @@ impl QTensor {
     pub fn matmul_many(ws: &[&QTensor], x: &Tensor, act: ActMode) -> Result<Vec<Tensor>> {
         let m = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         let fused = act == ActMode::Int8Blocks
+            && x.device() == Device::Cpu
             && m == 1
             && x.dtype().is_float()
             && x.dims()

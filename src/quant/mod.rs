@@ -17,6 +17,7 @@
 //! # Ok::<(), trit::Error>(())
 //! ```
 
+mod device;
 pub mod format;
 pub mod gguf;
 pub mod quantizers;
