@@ -166,6 +166,33 @@ fn host_side(s: &Storage) -> &CpuStorage {
     }
 }
 
+/// The elements of host storage as bytes.
+fn cpu_bytes(s: &CpuStorage) -> &[u8] {
+    let typed = "the dtype names the slice";
+    match s.dtype() {
+        DType::F32 => bytemuck::cast_slice(s.as_f32().expect(typed)),
+        DType::F16 => bytemuck::cast_slice(s.as_f16().expect(typed)),
+        DType::BF16 => bytemuck::cast_slice(s.as_bf16().expect(typed)),
+        DType::I32 => bytemuck::cast_slice(s.as_i32().expect(typed)),
+        DType::I8 => bytemuck::cast_slice(s.as_i8().expect(typed)),
+        DType::U8 => s.as_u8().expect(typed),
+    }
+}
+
+/// The elements of host storage held in memory (not a memory map, which the caller copies in first)
+/// as mutable bytes.
+fn cpu_bytes_mut(s: &mut CpuStorage) -> &mut [u8] {
+    match s {
+        CpuStorage::F32(v) => bytemuck::cast_slice_mut(v),
+        CpuStorage::F16(v) => bytemuck::cast_slice_mut(v),
+        CpuStorage::BF16(v) => bytemuck::cast_slice_mut(v),
+        CpuStorage::I32(v) => bytemuck::cast_slice_mut(v),
+        CpuStorage::I8(v) => bytemuck::cast_slice_mut(v),
+        CpuStorage::U8(v) => v,
+        CpuStorage::Mapped { .. } => unreachable!("mapped storage is copied into memory first"),
+    }
+}
+
 /// Index lists as the CUDA kernels read them: i32 on the device (validated by the caller).
 #[cfg(feature = "cuda")]
 fn upload_ids(dev: &std::sync::Arc<cuda::CudaDevice>, ids: &[i64]) -> Result<CudaStorage> {
@@ -663,6 +690,69 @@ impl Storage {
             Storage::Cpu(s) => Ok(Storage::Cpu(s.copy_strided(layout))),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => Ok(Storage::Cuda(cuda::copy::copy_strided(s, layout)?)),
+        }
+    }
+
+    /// Overwrites `self[at..at + n]` in place with the n elements of the view `src`/`layout` in
+    /// row-major order (same dtype and device): how a device KV cache appends tokens without copying
+    /// those before them. A GPU block that another storage shares is made private first, so no other
+    /// tensor sees the write.
+    pub(crate) fn write_at(&mut self, at: usize, src: &Storage, layout: &Layout) -> Result<()> {
+        const OP: &str = "write_at";
+        same_device(OP, self, &[src])?;
+        if src.dtype() != self.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: OP,
+                lhs: self.dtype(),
+                rhs: src.dtype(),
+            });
+        }
+        let n = layout.shape().elem_count();
+        let len = match self {
+            Storage::Cpu(s) => s.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.len(),
+        };
+        if at.checked_add(n).is_none_or(|end| end > len) {
+            crate::bail!(OP, "{n} elements at {at} do not fit in a storage of {len}");
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        match (self, src) {
+            (Storage::Cpu(dst), Storage::Cpu(s)) => {
+                if let CpuStorage::Mapped { .. } = dst {
+                    *dst = dst.copy_strided(&Layout::contiguous(len));
+                }
+                let staged;
+                let (s, range) = match layout.contiguous_range() {
+                    Some(r) if r.end <= s.len() => (s, r),
+                    _ => {
+                        staged = s.copy_strided(layout);
+                        (&staged, 0..n)
+                    }
+                };
+                let es = dst.dtype().size_in_bytes();
+                cpu_bytes_mut(dst)[at * es..(at + n) * es]
+                    .copy_from_slice(&cpu_bytes(s)[range.start * es..range.end * es]);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(dst), Storage::Cuda(s)) => {
+                dst.make_unique()?;
+                let staged;
+                let (s, start) = match layout.contiguous_range() {
+                    Some(r) if r.end <= s.len() => (s, r.start),
+                    _ => {
+                        staged = cuda::copy::copy_strided(s, layout)?;
+                        (&staged, 0)
+                    }
+                };
+                dst.copy_from(at, s, start, n)?;
+                dst.device().checkpoint(OP)
+            }
+            #[cfg(feature = "cuda")]
+            _ => unreachable!("devices checked above"),
         }
     }
 

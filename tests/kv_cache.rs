@@ -440,3 +440,271 @@ fn bad_input_is_an_error() -> Result<()> {
     assert!(cache.attend(&q.to_dtype(DType::I32)?, 1.0).is_err());
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The dense cache (the GPU's store), run on the CPU against the host cache.
+
+/// A host cache and a dense one on the CPU, fed the same tokens. The dense one starts with room for a
+/// single token, so appends also move it into larger buffers.
+fn twins(b: usize, h: usize, d: usize, format: KvFormat) -> Result<(KvCache, KvCache)> {
+    let dense = KvCache::dense(b, h, d, format, 1, CPU)?;
+    assert!(dense.is_dense() && dense.device() == CPU && dense.capacity() == 1);
+    Ok((KvCache::new(b, h, d, format)?, dense))
+}
+
+/// Appends the same random `n` tokens to both caches, in a layout that is not the dense store's
+/// (the [batch, tokens, heads, d] projection output transposed, as attention hands it over).
+fn append_both(host: &mut KvCache, dense: &mut KvCache, n: usize, rng: &mut DataRng) -> Result<()> {
+    let (b, h, d) = (host.batch(), host.heads(), host.head_dim());
+    let mut x =
+        || -> Result<Tensor> { tensor(&rows(b * n * h, d, rng), &[b, n, h, d]).transpose(1, 2) };
+    let (k, v) = (x()?, x()?);
+    host.append(&k, &v)?;
+    dense.append(&k, &v)?;
+    Ok(())
+}
+
+/// Both caches' attention for a random q of `tq` queries, within 1e-5 of the larger |V|.
+fn assert_same_attention(
+    host: &KvCache,
+    dense: &KvCache,
+    hq: usize,
+    tq: usize,
+    rng: &mut DataRng,
+) -> Result<()> {
+    let (b, d) = (host.batch(), host.head_dim());
+    let q = Tensor::from_vec(
+        (0..b * hq * tq * d)
+            .map(|_| rng.normal() as f32)
+            .collect::<Vec<f32>>(),
+        (b, hq, tq, d),
+        CPU,
+    )?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (want, got) = (host.attend(&q, scale)?, dense.attend(&q, scale)?);
+    assert_eq!(got.dims(), want.dims());
+    assert_eq!((got.dtype(), got.device()), (DType::F32, CPU));
+    assert!(!got.tracks_grad());
+    let vmax = host
+        .dequantize_v()?
+        .to_vec_f32()
+        .iter()
+        .fold(0f32, |a, x| a.max(x.abs()));
+    for (i, (g, w)) in got.to_vec_f32().iter().zip(want.to_vec_f32()).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * vmax + 1e-5 * w.abs(),
+            "{} b {b} hq {hq} kv {} tq {tq} len {}: element {i} is {g}, the host cache gives {w}",
+            host.format(),
+            host.heads(),
+            host.len()
+        );
+    }
+    Ok(())
+}
+
+/// Decoding as a model does it: a prefill chunk, single tokens, another chunk, attending after each
+/// append with the tokens just appended as the queries (and once with only the last one), for f32 and
+/// f16, batch 1 and 2, and query groups of 1, 2 and 3 per kv head.
+#[test]
+fn the_dense_cache_attends_like_the_host_cache() -> Result<()> {
+    let mut rng = DataRng::new(11);
+    for format in [KvFormat::F32, KvFormat::F16] {
+        for (b, h, d) in [(2, 2, 16), (1, 3, 24), (2, 1, 8)] {
+            for group in [1, 2, 3] {
+                let (mut host, mut dense) = twins(b, h, d, format)?;
+                for n in [5, 1, 1, 1, 3, 1, 7, 1] {
+                    append_both(&mut host, &mut dense, n, &mut rng)?;
+                    assert_eq!((dense.len(), dense.bytes()), (host.len(), host.bytes()));
+                    assert!(dense.capacity() >= dense.len());
+                    assert_same_attention(&host, &dense, h * group, n, &mut rng)?;
+                    if n > 1 {
+                        assert_same_attention(&host, &dense, h * group, 1, &mut rng)?;
+                    }
+                }
+                // The dense cache stores what the host one does: f32 as given, f16 rounded alike.
+                assert_eq!(
+                    dense.dequantize_k()?.to_vec_f32(),
+                    host.dequantize_k()?.to_vec_f32()
+                );
+                assert_eq!(
+                    dense.dequantize_v()?.to_vec_f32(),
+                    host.dequantize_v()?.to_vec_f32()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A prefill chunk long enough that the dense cache splits its queries (its scores would pass 2²⁴
+/// elements in one pass), against the host cache.
+#[test]
+fn a_long_dense_prefill_attends_in_slices_of_queries() -> Result<()> {
+    let mut rng = DataRng::new(5);
+    let (mut host, mut dense) = twins(1, 8, 8, KvFormat::F32)?;
+    append_both(&mut host, &mut dense, 100, &mut rng)?;
+    append_both(&mut host, &mut dense, 1000, &mut rng)?;
+    // 16 query heads × 1000 queries × 1100 keys = 17.6 M scores > 2²⁴: two slices of queries.
+    assert_same_attention(&host, &dense, 16, 1000, &mut rng)
+}
+
+#[test]
+fn the_dense_cache_truncates_clears_and_reserves_like_the_host_cache() -> Result<()> {
+    let mut rng = DataRng::new(8);
+    for format in [KvFormat::F32, KvFormat::F16] {
+        let (mut host, mut dense) = twins(2, 2, 16, format)?;
+        append_both(&mut host, &mut dense, 10, &mut rng)?;
+        let before = dense.dequantize_k()?;
+        for c in [&mut host, &mut dense] {
+            c.truncate(6);
+            assert_eq!(c.len(), 6);
+        }
+        assert_eq!(
+            dense.dequantize_k()?.to_vec_f32(),
+            before.narrow(2, 0, 6)?.to_vec_f32()
+        );
+        // The next tokens overwrite the dropped ones.
+        append_both(&mut host, &mut dense, 3, &mut rng)?;
+        assert_eq!(
+            dense.dequantize_v()?.to_vec_f32(),
+            host.dequantize_v()?.to_vec_f32()
+        );
+        assert_same_attention(&host, &dense, 4, 3, &mut rng)?;
+        // The copy returned earlier kept its values.
+        assert_eq!(before.dims(), [2, 2, 10, 16]);
+        dense.truncate(100);
+        assert_eq!(dense.len(), 9);
+        let cap = dense.capacity();
+        dense.clear();
+        assert!(dense.is_empty() && dense.bytes() == 0);
+        assert_eq!(dense.capacity(), cap);
+        assert_eq!(dense.dequantize_k()?.dims(), [2, 2, 0, 16]);
+        dense.reserve(100)?;
+        let cap = dense.capacity();
+        assert!(cap >= 100, "capacity {cap}");
+        host.clear();
+        for n in [4, 1, 1] {
+            append_both(&mut host, &mut dense, n, &mut rng)?;
+            assert_eq!(dense.capacity(), cap, "a reserved dense cache reallocated");
+            assert_same_attention(&host, &dense, 2, n, &mut rng)?;
+        }
+    }
+    Ok(())
+}
+
+/// Appending one token at a time moves a dense cache O(log n) times, and a clone does not see the
+/// original's later appends (they are written in place).
+#[test]
+fn the_dense_cache_grows_by_doubling_and_clones_are_independent() -> Result<()> {
+    let d = 8;
+    let token = |i: usize| tensor(&vec![i as f32; 2 * 3 * d], &[2, 3, 1, d]);
+    let mut cache = KvCache::dense(2, 3, d, KvFormat::F32, 1, CPU)?;
+    let (mut moves, mut last) = (0, cache.capacity());
+    for i in 0..1000 {
+        cache.append(&token(i), &token(i))?;
+        if cache.capacity() != last {
+            moves += 1;
+            last = cache.capacity();
+        }
+    }
+    assert!(moves <= 10, "{moves} reallocations");
+    cache.truncate(4);
+    let copy = cache.clone();
+    cache.append(&token(77), &token(77))?;
+    cache.truncate(4);
+    cache.append(&token(99), &token(99))?;
+    assert_eq!(copy.len(), 4);
+    let k = cache.dequantize_k()?.to_vec_f32();
+    assert!(k[4 * d..5 * d].iter().all(|&x| x == 99.0));
+    // The clone holds tokens 0..4 as they were, then its own fifth.
+    let mut copy = copy;
+    copy.append(&token(5), &token(5))?;
+    let k = copy.dequantize_k()?.to_vec_f32();
+    let want = [0.0, 1.0, 2.0, 3.0, 5.0];
+    assert!(k[..5 * d]
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == want[i / d]));
+    Ok(())
+}
+
+#[test]
+fn the_dense_cache_keeps_the_query_dtype_and_detaches() -> Result<()> {
+    let mut cache = KvCache::dense(1, 2, 8, KvFormat::F16, 4, CPU)?;
+    let x = Tensor::randn((1, 2, 5, 8), 0.0, 1.0, &mut trit::Rng::new(1), CPU)?;
+    cache.append(&x.to_dtype(DType::BF16)?, &x)?;
+    let q = Tensor::randn((1, 4, 2, 8), 0.0, 1.0, &mut trit::Rng::new(2), CPU)?.var()?;
+    let out = cache.attend(&q, 0.3)?;
+    assert!(!out.tracks_grad());
+    for dtype in [DType::F16, DType::BF16] {
+        let low = cache.attend(&q.to_dtype(dtype)?, 0.3)?;
+        assert_eq!(low.dtype(), dtype);
+        for (a, b) in low.to_vec_f32().iter().zip(out.to_vec_f32()) {
+            assert!(
+                (a - b).abs() <= 1e-2 * (1.0 + b.abs()),
+                "{dtype}: {a} vs {b}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_input_to_the_dense_cache_is_an_error() -> Result<()> {
+    // No integer format in a dense cache, on the CPU or a GPU (whether or not this machine has one).
+    for format in [KvFormat::Int8 { group: 8 }, KvFormat::Int4 { group: 4 }] {
+        let err = KvCache::dense(1, 2, 8, format, 4, CPU)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KvCache::new"), "{err}");
+        for gpu in [trit::Device::Cuda(0), trit::Device::Cuda(3)] {
+            let err = KvCache::on_device(1, 2, 8, format, 4, gpu)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("not supported on") && err.contains(&gpu.to_string()),
+                "{err}"
+            );
+        }
+        // The host cache still holds them on the CPU.
+        assert!(!KvCache::on_device(1, 2, 8, format, 4, CPU)?.is_dense());
+    }
+    // A GPU this build or machine does not have is the device's error, not a panic.
+    if trit::Device::Cuda(0).check().is_err() {
+        assert!(KvCache::on_device(1, 2, 8, KvFormat::F32, 4, trit::Device::Cuda(0)).is_err());
+    }
+    assert!(KvCache::dense(0, 2, 8, KvFormat::F32, 4, CPU).is_err());
+    assert!(KvCache::dense(1, 2, 0, KvFormat::F16, 4, CPU).is_err());
+
+    let mut cache = KvCache::dense(1, 2, 8, KvFormat::F32, 2, CPU)?;
+    let z = |shape: &[usize]| Tensor::zeros(shape.to_vec(), DType::F32, CPU).unwrap();
+    let q = z(&[1, 2, 1, 8]);
+    let err = cache.attend(&q, 1.0).unwrap_err().to_string();
+    assert!(err.contains("len 0"), "{err}");
+    for (k, v) in [
+        (z(&[1, 2, 3, 8]), z(&[1, 2, 4, 8])),
+        (z(&[1, 3, 3, 8]), z(&[1, 3, 3, 8])),
+        (z(&[2, 2, 3, 8]), z(&[2, 2, 3, 8])),
+        (z(&[1, 2, 3, 6]), z(&[1, 2, 3, 6])),
+        (z(&[1, 2, 0, 8]), z(&[1, 2, 0, 8])),
+        (z(&[2, 3, 8]), z(&[2, 3, 8])),
+    ] {
+        let err = cache.append(&k, &v).unwrap_err().to_string();
+        assert!(err.contains(&format!("{:?}", k.dims())), "{err}");
+        assert!(cache.is_empty() && cache.capacity() == 2);
+    }
+    let ints = Tensor::zeros((1, 2, 3, 8), DType::I32, CPU)?;
+    assert!(cache.append(&ints, &ints).is_err());
+    cache.append(&z(&[1, 2, 3, 8]), &z(&[1, 2, 3, 8]))?;
+    for q in [
+        z(&[1, 3, 1, 8]),
+        z(&[2, 2, 1, 8]),
+        z(&[1, 2, 4, 8]),
+        z(&[1, 2, 8]),
+    ] {
+        assert!(cache.attend(&q, 1.0).is_err());
+    }
+    assert!(cache.attend(&q, f32::INFINITY).is_err());
+    assert!(cache.attend(&q.to_dtype(DType::I32)?, 1.0).is_err());
+    Ok(())
+}

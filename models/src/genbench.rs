@@ -30,6 +30,8 @@ pub struct GenBenchOptions {
     pub reps: usize,
     pub weights: Weights,
     pub kv: KvFormat,
+    /// Where the model runs (the thread count matters only on the CPU).
+    pub device: Device,
 }
 
 /// The measured speeds.
@@ -112,7 +114,7 @@ pub fn bench_generate(model: &Path, options: &GenBenchOptions) -> Result<GenBenc
 }
 
 fn run(path: &Path, o: &GenBenchOptions) -> Result<GenBench> {
-    let llm = Llm::open(path, o.weights, false)?;
+    let llm = Llm::open_on(path, o.weights, o.device, false)?;
     let _no_grad = trit::no_grad();
     let text = String::from_utf8_lossy(&BUNDLED_TEXT[..BUNDLED_TEXT.len().min(64 * 1024)]);
     let prompt: Vec<i32> = llm
@@ -129,21 +131,26 @@ fn run(path: &Path, o: &GenBenchOptions) -> Result<GenBench> {
         )));
     }
     let model = &llm.model;
-    let ids = Tensor::from_vec(prompt.clone(), (1, prompt.len()), Device::Cpu)?;
+    let ids = Tensor::from_vec(prompt.clone(), (1, prompt.len()), o.device)?;
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     for rep in 0..=o.reps.max(1) {
         let mut caches = model.kv_caches(1, o.kv)?;
         let t = Instant::now();
-        model.forward_cached_last(&ids, &mut caches)?;
+        // Reading the logits back waits for a GPU to finish.
+        model
+            .forward_cached_last(&ids, &mut caches)?
+            .try_to_vec_f32()?;
         let prompt_s = t.elapsed().as_secs_f64();
 
         let mut caches = model.kv_caches(1, o.kv)?;
         let mut next = prompt[0];
         let t = Instant::now();
         for _ in 0..o.gen_tokens {
-            let x = Tensor::from_vec(vec![next], (1, 1), Device::Cpu)?;
-            let logits = model.forward_cached_last(&x, &mut caches)?.to_vec_f32();
+            let x = Tensor::from_vec(vec![next], (1, 1), o.device)?;
+            let logits = model
+                .forward_cached_last(&x, &mut caches)?
+                .try_to_vec_f32()?;
             next = logits
                 .iter()
                 .enumerate()
@@ -191,6 +198,7 @@ impl GenBench {
         serde_json::json!({
             "model": self.model,
             "threads": o.threads,
+            "device": o.device.to_string(),
             "weights": format!("{:?}", o.weights),
             "kv": format!("{:?}", o.kv),
             "reps": o.reps,
@@ -223,13 +231,16 @@ impl GenBench {
                 LLAMA_CPP_GENERATE_TOKENS_PER_SEC.1
             ),
         };
+        let on = match o.device {
+            Device::Cpu => format!("{} threads", o.threads),
+            gpu => gpu.to_string(),
+        };
         format!(
-            "{}: {} threads, weights {:?}, KV {:?}, median of {} runs\npeer: {peer}\n\
+            "{}: {on}, weights {:?}, KV {:?}, median of {} runs\npeer: {peer}\n\
              {:<22} {:>10} {:>10} {:>7}\n\
              {:<22} {:>10.1} {:>10.1} {:>6.2}×\n\
              {:<22} {:>10.1} {:>10.1} {:>6.2}×\n",
             self.model,
-            o.threads,
             o.weights,
             o.kv,
             o.reps,

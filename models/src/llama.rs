@@ -6,7 +6,8 @@
 //! `model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`) so its checkpoints map one to one.
 //!
 //! Generation decodes incrementally through a per-layer KV cache ([`Llama::forward_cached`]) in a
-//! format of the caller's choice (f32 by default, or f16/int8/int4, see [`KvFormat`]).
+//! format of the caller's choice (f32 by default, or f16/int8/int4, see [`KvFormat`]), kept on the
+//! model's device: a model on a GPU decodes there, reading back only the logits it samples from.
 
 use crate::generate::{sample, Sampling};
 use std::fmt;
@@ -320,11 +321,21 @@ impl Llama {
     }
 
     /// One empty KV cache per layer for `batch` sequences, stored as `format`, with room reserved for
-    /// `max_seq` tokens.
+    /// `max_seq` tokens, on the model's device: host caches for a model on the CPU, dense ones on its
+    /// GPU (f32 or f16 there; the integer formats are an error, see [`KvCache::dense`]).
     pub fn kv_caches(&self, batch: usize, format: KvFormat) -> Result<Vec<KvCache>> {
         let c = &self.cfg;
         (0..c.layers)
-            .map(|_| KvCache::with_capacity(batch, c.kv_heads, c.head_dim(), format, c.max_seq))
+            .map(|_| {
+                KvCache::on_device(
+                    batch,
+                    c.kv_heads,
+                    c.head_dim(),
+                    format,
+                    c.max_seq,
+                    self.device,
+                )
+            })
             .collect()
     }
 
@@ -374,6 +385,14 @@ impl Llama {
                 c.layers,
                 c.kv_heads,
                 c.head_dim()
+            );
+        }
+        if let Some(k) = caches.iter().find(|k| k.device() != self.device) {
+            trit::bail!(
+                "Llama::forward_cached",
+                "the model lives on {} but a cache on {}; make the caches with Llama::kv_caches",
+                self.device,
+                k.device()
             );
         }
         if seq == 0 || cached + seq > c.max_seq {
@@ -494,6 +513,7 @@ impl Llama {
             let new = &tokens[first + caches[0].len()..];
             let ids: Vec<i32> = new.iter().map(|&t| t as i32).collect();
             let ids = Tensor::from_vec(ids, (1, new.len()), self.device())?;
+            // The last position's logits only: one row read back to the host per token.
             let logits = self
                 .forward_cached_last(&ids, &mut caches)?
                 .to_dtype(DType::F32)?
@@ -507,7 +527,8 @@ impl Llama {
         Ok(tokens.split_off(prompt.len()))
     }
 
-    fn device(&self) -> trit::Device {
+    /// Where the model's parameters live (and its activations and KV caches with them).
+    pub fn device(&self) -> trit::Device {
         self.device
     }
 }
@@ -806,6 +827,45 @@ mod tests {
             // `generate` decodes through the cache and picks the same tokens.
             let generated = model.generate(&prompt, 20, 0.0, None, &mut Rng::new(1))?;
             assert_eq!(generated, tokens);
+        }
+        Ok(())
+    }
+
+    /// The dense caches a model on a GPU decodes with, run on the CPU: the logits of the host caches at
+    /// every step (f32 and f16, a prompt chunk then single tokens, grouped-query ratios 1, 2 and 4),
+    /// growing from room for 2 tokens.
+    #[test]
+    fn dense_caches_decode_like_host_caches() -> Result<()> {
+        for kv_heads in [4, 2, 1] {
+            let model = peaked(kv_heads)?;
+            let c = *model.config();
+            let prompt = [72u32, 101, 108, 108, 111, 44, 32];
+            // f16: the two paths' f32 rounding differences can round a cached value to the
+            // neighbouring f16 (a relative 2⁻¹¹), so their logits drift apart a little more.
+            for (kv, tol) in [(KvFormat::F32, 1e-4), (KvFormat::F16, 1e-3)] {
+                let mut host = model.kv_caches(1, kv)?;
+                let mut dense = (0..c.layers)
+                    .map(|_| KvCache::dense(1, c.kv_heads, c.head_dim(), kv, 2, Device::Cpu))
+                    .collect::<Result<Vec<_>>>()?;
+                let mut new = prompt.to_vec();
+                for step in 0..12 {
+                    let ids: Vec<i32> = new.iter().map(|&t| t as i32).collect();
+                    let ids = Tensor::from_vec(ids, (1, new.len()), Device::Cpu)?;
+                    let want = model.forward_cached(&ids, &mut host)?.to_vec_f32();
+                    let got = model.forward_cached(&ids, &mut dense)?.to_vec_f32();
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() < tol,
+                            "kv heads {kv_heads}, {kv}, step {step}: {g} vs {w}"
+                        );
+                    }
+                    let last = &want[want.len() - c.vocab_size..];
+                    new = vec![sample(last, &Sampling::default(), &[], &mut Rng::new(0))];
+                }
+                assert!(dense
+                    .iter()
+                    .all(|k| k.is_dense() && k.len() == host[0].len()));
+            }
         }
         Ok(())
     }

@@ -121,7 +121,8 @@ pub fn load_llama(g: &Gguf, device: Device) -> Result<(ParamStore, Llama)> {
 }
 
 /// [`load_llama`] with the block-quantized weights loaded as `weights` says; F32/F16/BF16 tensors (the
-/// norms) are always dense f32 parameters.
+/// norms) are always dense f32 parameters. On a GPU, packed weights are uploaded to it as they load
+/// (their host copy stays for the embedding lookup).
 pub fn load_llama_with(g: &Gguf, device: Device, weights: Weights) -> Result<(ParamStore, Llama)> {
     load_llama_reporting(g, device, weights, &mut |_| {})
 }
@@ -153,7 +154,11 @@ pub fn load_llama_reporting(
                     ActMode::Int8Blocks if !Interleaved::supports(q.format()) => ActMode::Int8,
                     _ => act,
                 };
-                if act == ActMode::Int8Blocks {
+                // Each product runs where its activations live: the CPU's in its tile layout, a
+                // GPU's on the packed bytes uploaded once, here, rather than at the first token.
+                if device.is_cuda() {
+                    q.prepare_device(device)?;
+                } else if act == ActMode::Int8Blocks {
                     q.prepare_int8_blocks();
                 }
                 ps.insert_packed(&name, q, act);

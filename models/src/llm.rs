@@ -34,6 +34,12 @@ impl Llm {
     /// Loads a Llama-architecture GGUF file with its block-quantized weights as `weights` says, saying
     /// on stderr what it loads when `progress` is set.
     pub fn open(path: &Path, weights: Weights, progress: bool) -> Result<Llm> {
+        Llm::open_on(path, weights, Device::Cpu, progress)
+    }
+
+    /// [`Llm::open`] with the model on `device` (a GPU decodes there, KV cache included).
+    pub fn open_on(path: &Path, weights: Weights, device: Device, progress: bool) -> Result<Llm> {
+        device.check()?;
         let started = Instant::now();
         let g = Gguf::open(path)?;
         let bytes: usize = g.tensors().iter().map(|t| t.end - t.start).sum();
@@ -52,8 +58,7 @@ impl Llm {
         } else {
             ProgressBar::hidden()
         };
-        let (_, model) =
-            load_llama_reporting(&g, Device::Cpu, weights, &mut |b| bar.inc(b as u64))?;
+        let (_, model) = load_llama_reporting(&g, device, weights, &mut |b| bar.inc(b as u64))?;
         bar.finish_and_clear();
         let bpe = bpe_from_gguf(&g)?;
         let template = g
@@ -68,8 +73,12 @@ impl Llm {
             .collect();
         stop.extend(bpe.id("<|im_end|>").filter(|id| !stop.contains(id)));
         if progress {
+            let on = match device {
+                Device::Cpu => String::new(),
+                gpu => format!(" on {gpu}"),
+            };
             eprintln!(
-                "loaded {} in {:.1} s",
+                "loaded {}{on} in {:.1} s",
                 model.config(),
                 started.elapsed().as_secs_f64()
             );
@@ -145,8 +154,8 @@ impl Llm {
             let n = input.len();
             let logits = self
                 .model
-                .forward(&trit::Tensor::from_vec(input, (1, n), Device::Cpu)?)?
-                .to_vec_f32();
+                .forward(&trit::Tensor::from_vec(input, (1, n), self.model.device())?)?
+                .try_to_vec_f32()?;
             let vocab = logits.len() / n;
             for (t, row) in logits.chunks_exact(vocab).take(n - 1).enumerate() {
                 let m = row.iter().fold(f64::MIN, |a, &x| a.max(x as f64));

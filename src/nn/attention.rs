@@ -192,7 +192,9 @@ impl Attention {
         let (q, k) = match rope {
             Some(table) => {
                 let start = cache.len() as i64;
-                let positions = Tensor::arange(start, start + s as i64, x.device())?;
+                // On the host: the rotary op reads positions there to check them, so positions on a
+                // GPU would make each layer wait for a download.
+                let positions = Tensor::arange(start, start + s as i64, crate::Device::Cpu)?;
                 (q.rope(table, &positions)?, k.rope(table, &positions)?)
             }
             None => (q, k),

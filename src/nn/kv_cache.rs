@@ -1,6 +1,11 @@
 //! The key/value cache of one attention layer for incremental decoding, in f32, f16, int8 or int4
 //! ([`KvFormat`]), and the decode attention that reads it without materialising a dequantized copy.
 //!
+//! The host cache keeps every format in host memory for the CPU's fused decode kernels. The dense
+//! cache keeps f32 or f16 buffers on the device of the tensors it is given (a GPU), appends in place
+//! there and attends with the engine's tensor ops, so a model decoding on a GPU never copies K, V or
+//! activations back to the host.
+//!
 //! Keys are cached after RoPE, as llama.cpp and vLLM do, whereas LLM-QAT quantizes the k_proj output
 //! before RoPE. Caching rotated keys means a decode step rotates only its new key and the kernel reads
 //! keys ready to use; caching pre-RoPE keys would mean rotating every cached key again at every step
@@ -12,8 +17,10 @@
 
 use crate::cpu::kv_attention::{self, KvRef, Rows};
 use crate::cpu::matmul::Isa;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::storage::Device;
+use crate::layout::Layout;
+use crate::storage::{Device, Storage};
 use crate::tensor::Tensor;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -156,9 +163,90 @@ impl Stream {
     }
 }
 
+/// The float K and V of a cache on any device, as two `[capacity, batch, heads, head_dim]` buffers in
+/// the format's dtype, tokens `0..len` written.
+///
+/// Token-major rather than head-major: appending a chunk of tokens, or moving the cache into a larger
+/// buffer, is one contiguous copy on the device, and attention still reads the cached prefix in place,
+/// as a `[batch, heads, len, head_dim]` view whose token stride cuBLAS takes as its leading dimension.
+/// A clone shares a GPU buffer until either side writes ([`Storage::write_at`] makes it private first);
+/// on the CPU it copies.
+#[derive(Clone)]
+struct Dense {
+    k: Storage,
+    v: Storage,
+    capacity: usize,
+    device: Device,
+}
+
+impl std::fmt::Debug for Dense {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dense")
+            .field("dtype", &self.k.dtype())
+            .field("capacity", &self.capacity)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+/// Scores one pass of [`KvCache::attend`] materialises on a dense cache at most (64 MiB in f32): a long
+/// prefill chunk attends in slices of queries so its [queries, len] scores stay bounded.
+const SCORES_PER_PASS: usize = 1 << 24;
+
+impl Dense {
+    /// Zeroed buffers with room for `tokens` (at least one) tokens of `per_token` elements.
+    fn new(per_token: usize, dtype: DType, tokens: usize, device: Device) -> Result<Dense> {
+        let tokens = tokens.max(1);
+        let buffer = || Storage::full(0.0, tokens * per_token, dtype, device);
+        Ok(Dense {
+            k: buffer()?,
+            v: buffer()?,
+            capacity: tokens,
+            device,
+        })
+    }
+
+    /// Moves the first `len` tokens into buffers with room for `tokens`; a no-op when they fit.
+    fn grow(&mut self, len: usize, tokens: usize, per_token: usize) -> Result<()> {
+        if tokens <= self.capacity {
+            return Ok(());
+        }
+        let mut bigger = Dense::new(per_token, self.k.dtype(), tokens, self.device)?;
+        let prefix = Layout::contiguous(len * per_token);
+        bigger.k.write_at(0, &self.k, &prefix)?;
+        bigger.v.write_at(0, &self.v, &prefix)?;
+        *self = bigger;
+        Ok(())
+    }
+
+    /// The first `len` tokens of `buffer` as a `[batch, heads, len, head_dim]` view: no copy on a GPU;
+    /// on the CPU a copy of the buffer, which only the CPU twin pays (the host cache is the CPU's path).
+    fn view(buffer: &Storage, (b, h, len, d): (usize, usize, usize, usize)) -> Result<Tensor> {
+        Tensor::from_parts(buffer.clone(), Layout::contiguous((len, b, h, d)), None)
+            .permute(&[1, 2, 0, 3])
+    }
+}
+
+/// How a cache stores its tokens.
+#[derive(Clone, Debug)]
+enum Store {
+    /// One stream per (batch, kv head), batch-major, in host memory: every format, read by the CPU
+    /// decode kernels of [`crate::cpu::kv_attention`].
+    Host { k: Vec<Stream>, v: Vec<Stream> },
+    /// Float buffers on a device, attended with the engine's tensor ops (cuBLAS and the softmax
+    /// kernels on a GPU).
+    Dense(Dense),
+}
+
 /// The K and V cache of one attention layer: `batch` sequences of equal length, `heads` kv heads of
 /// `head_dim`, stored as `format`. Grows as tokens are appended (amortised like a `Vec`; reserve up
 /// front with [`KvCache::with_capacity`] to never reallocate).
+///
+/// Two stores: the host cache ([`KvCache::new`], every format, CPU tensors) and the dense cache
+/// ([`KvCache::dense`], f32 or f16 buffers on the device of the tensors it is given, so that decoding
+/// on a GPU never leaves it). [`KvCache::on_device`] picks the one a model on a device decodes with.
+/// Both have the same semantics; the dense one also runs on the CPU, where it is the reference the
+/// tests check the GPU path's logic against.
 #[derive(Clone, Debug)]
 pub struct KvCache {
     batch: usize,
@@ -166,29 +254,39 @@ pub struct KvCache {
     head_dim: usize,
     format: KvFormat,
     len: usize,
-    /// One stream per (batch, kv head), batch-major.
-    k: Vec<Stream>,
-    v: Vec<Stream>,
+    store: Store,
 }
 
 impl KvCache {
-    /// An empty cache. Errors unless every size is positive and an integer format's group divides
-    /// head_dim.
-    pub fn new(batch: usize, heads: usize, head_dim: usize, format: KvFormat) -> Result<KvCache> {
+    /// Errors unless every size is positive and an integer format's group divides head_dim.
+    fn check(
+        op: &'static str,
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        format: KvFormat,
+    ) -> Result<()> {
         if batch == 0 || heads == 0 || head_dim == 0 {
             crate::bail!(
-                "KvCache::new",
+                op,
                 "batch, heads and head_dim must be positive, got {batch}, {heads}, {head_dim}"
             );
         }
         if let Some(group) = format.group() {
             if group == 0 || !head_dim.is_multiple_of(group) {
                 crate::bail!(
-                    "KvCache::new",
+                    op,
                     "{format}: the scale group must divide head_dim {head_dim}"
                 );
             }
         }
+        Ok(())
+    }
+
+    /// An empty host cache. Errors unless every size is positive and an integer format's group
+    /// divides head_dim.
+    pub fn new(batch: usize, heads: usize, head_dim: usize, format: KvFormat) -> Result<KvCache> {
+        KvCache::check("KvCache::new", batch, heads, head_dim, format)?;
         let streams = || (0..batch * heads).map(|_| Stream::new(format)).collect();
         Ok(KvCache {
             batch,
@@ -196,12 +294,14 @@ impl KvCache {
             head_dim,
             format,
             len: 0,
-            k: streams(),
-            v: streams(),
+            store: Store::Host {
+                k: streams(),
+                v: streams(),
+            },
         })
     }
 
-    /// An empty cache with room for `tokens` tokens before it reallocates.
+    /// An empty host cache with room for `tokens` tokens before it reallocates.
     pub fn with_capacity(
         batch: usize,
         heads: usize,
@@ -210,27 +310,100 @@ impl KvCache {
         tokens: usize,
     ) -> Result<KvCache> {
         let mut cache = KvCache::new(batch, heads, head_dim, format)?;
-        cache.reserve(tokens);
+        cache.reserve(tokens)?;
         Ok(cache)
     }
 
-    /// Makes room for at least `additional` more tokens (as `Vec::reserve`).
-    pub fn reserve(&mut self, additional: usize) {
+    /// An empty dense cache on `device` with room for `tokens` tokens: f32 or f16 buffers there,
+    /// written in place as tokens arrive and attended with tensor ops, so K, V, the queries and the
+    /// result all stay on the device. The integer formats are an error (a GPU int8/int4 cache is not
+    /// implemented yet; on the CPU they run in the host cache), as is a device this build or machine
+    /// cannot allocate on ([`Device::check`]).
+    pub fn dense(
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        format: KvFormat,
+        tokens: usize,
+        device: Device,
+    ) -> Result<KvCache> {
+        const OP: &str = "KvCache::dense";
+        KvCache::check(OP, batch, heads, head_dim, format)?;
+        let dtype = match format {
+            KvFormat::F32 => DType::F32,
+            KvFormat::F16 => DType::F16,
+            KvFormat::Int8 { .. } | KvFormat::Int4 { .. } if device.is_cuda() => crate::bail!(
+                OP,
+                "{format} KV caches are not supported on {device} yet: caches on a GPU hold f32 or f16 \
+                 (the int8 and int4 caches run on the CPU)"
+            ),
+            KvFormat::Int8 { .. } | KvFormat::Int4 { .. } => crate::bail!(
+                OP,
+                "the dense cache holds f32 or f16; {format} caches are host caches (KvCache::new)"
+            ),
+        };
+        let store = Store::Dense(Dense::new(batch * heads * head_dim, dtype, tokens, device)?);
+        Ok(KvCache {
+            batch,
+            heads,
+            head_dim,
+            format,
+            len: 0,
+            store,
+        })
+    }
+
+    /// The cache a model whose tensors live on `device` decodes with, room reserved for `tokens`: the
+    /// host cache on the CPU (every format, the CPU's fused decode kernels), a dense one on a GPU
+    /// (f32 or f16; see [`KvCache::dense`]).
+    pub fn on_device(
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        format: KvFormat,
+        tokens: usize,
+        device: Device,
+    ) -> Result<KvCache> {
+        match device {
+            Device::Cpu => KvCache::with_capacity(batch, heads, head_dim, format, tokens),
+            Device::Cuda(_) => KvCache::dense(batch, heads, head_dim, format, tokens, device),
+        }
+    }
+
+    /// Makes room for at least `additional` more tokens (as `Vec::reserve`). Errors only when a dense
+    /// cache's device cannot allocate the larger buffers (the cache is then unchanged).
+    pub fn reserve(&mut self, additional: usize) -> Result<()> {
         let (d, f) = (self.head_dim, self.format);
-        for s in self.k.iter_mut().chain(&mut self.v) {
-            s.reserve(additional, d, f);
+        let per_token = self.batch * self.heads * d;
+        match &mut self.store {
+            Store::Host { k, v } => {
+                for s in k.iter_mut().chain(v) {
+                    s.reserve(additional, d, f);
+                }
+                Ok(())
+            }
+            Store::Dense(dense) => {
+                let need = self.len.saturating_add(additional);
+                if need <= dense.capacity {
+                    return Ok(());
+                }
+                dense.grow(self.len, need.max(2 * dense.capacity), per_token)
+            }
         }
     }
 
     /// Tokens the cache holds without reallocating.
     pub fn capacity(&self) -> usize {
         let (d, f) = (self.head_dim, self.format);
-        self.k
-            .iter()
-            .chain(&self.v)
-            .map(|s| s.capacity(d, f))
-            .min()
-            .unwrap_or(0)
+        match &self.store {
+            Store::Host { k, v } => k
+                .iter()
+                .chain(v)
+                .map(|s| s.capacity(d, f))
+                .min()
+                .unwrap_or(0),
+            Store::Dense(dense) => dense.capacity,
+        }
     }
 
     pub fn batch(&self) -> usize {
@@ -249,6 +422,19 @@ impl KvCache {
         self.format
     }
 
+    /// Where the cached tokens live: the CPU for the host cache, the buffers' device for a dense one.
+    pub fn device(&self) -> Device {
+        match &self.store {
+            Store::Host { .. } => Device::Cpu,
+            Store::Dense(dense) => dense.device,
+        }
+    }
+
+    /// True for a dense cache ([`KvCache::dense`]), false for the host one.
+    pub fn is_dense(&self) -> bool {
+        matches!(self.store, Store::Dense(_))
+    }
+
     /// Cached tokens (per sequence).
     pub fn len(&self) -> usize {
         self.len
@@ -264,8 +450,11 @@ impl KvCache {
             return;
         }
         let (d, f) = (self.head_dim, self.format);
-        for s in self.k.iter_mut().chain(&mut self.v) {
-            s.truncate(len, d, f);
+        // A dense cache's tokens past the length are never read and are overwritten by the next append.
+        if let Store::Host { k, v } = &mut self.store {
+            for s in k.iter_mut().chain(v) {
+                s.truncate(len, d, f);
+            }
         }
         self.len = len;
     }
@@ -287,7 +476,8 @@ impl KvCache {
     }
 
     /// Encodes and appends `k` and `v`, both [batch, heads, tokens, head_dim] (any float dtype, any
-    /// layout), tokens ≥ 1.
+    /// layout), tokens ≥ 1: host tensors for the host cache, tensors on its device for a dense one
+    /// (which a failed append leaves unchanged).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let want = [
             self.batch,
@@ -316,21 +506,48 @@ impl KvCache {
             }
         }
         let (d, f) = (self.head_dim, self.format);
-        let per_stream = want[2] * d;
-        let parallel = per_stream * self.k.len() >= crate::cpu::PAR_THRESHOLD;
-        let push = |streams: &mut [Stream], x: &[f32]| {
-            let one = |(s, x): (&mut Stream, &[f32])| s.push(x, d, f);
-            if parallel {
-                streams
-                    .par_iter_mut()
-                    .zip(x.par_chunks(per_stream))
-                    .for_each(one);
-            } else {
-                streams.iter_mut().zip(x.chunks(per_stream)).for_each(one);
+        match &mut self.store {
+            Store::Host { k: ks, v: vs } => {
+                let per_stream = want[2] * d;
+                let parallel = per_stream * ks.len() >= crate::cpu::PAR_THRESHOLD;
+                let push = |streams: &mut [Stream], x: &[f32]| {
+                    let one = |(s, x): (&mut Stream, &[f32])| s.push(x, d, f);
+                    if parallel {
+                        streams
+                            .par_iter_mut()
+                            .zip(x.par_chunks(per_stream))
+                            .for_each(one);
+                    } else {
+                        streams.iter_mut().zip(x.chunks(per_stream)).for_each(one);
+                    }
+                };
+                k.with_f32_slice("kv_cache", |x| push(ks, x))?;
+                v.with_f32_slice("kv_cache", |x| push(vs, x))?;
             }
-        };
-        k.with_f32_slice("kv_cache", |x| push(&mut self.k, x))?;
-        v.with_f32_slice("kv_cache", |x| push(&mut self.v, x))?;
+            Store::Dense(dense) => {
+                for t in [k, v] {
+                    if t.device() != dense.device {
+                        return Err(Error::DeviceMismatch {
+                            op: "KvCache::append",
+                            lhs: dense.device.to_string(),
+                            rhs: t.device().to_string(),
+                        });
+                    }
+                }
+                let per_token = self.batch * self.heads * d;
+                let need = self.len + want[2];
+                if need > dense.capacity {
+                    dense.grow(self.len, need.max(2 * dense.capacity), per_token)?;
+                }
+                // Written past the length: if V fails after K is in, the cache still reads as before.
+                let at = self.len * per_token;
+                let dtype = dense.k.dtype();
+                for (buffer, x) in [(&mut dense.k, k), (&mut dense.v, v)] {
+                    let rows = x.detach().permute(&[2, 0, 1, 3])?.to_dtype(dtype)?;
+                    buffer.write_at(at, &rows.storage(), rows.layout())?;
+                }
+            }
+        }
         self.len += want[2];
         Ok(())
     }
@@ -348,27 +565,46 @@ impl KvCache {
         Tensor::from_vec(out, (self.batch, self.heads, n, d), Device::Cpu)
     }
 
-    /// The keys as the kernel sees them, [batch, heads, len, head_dim] f32 (tests, debugging).
-    pub fn dequantize_k(&self) -> Result<Tensor> {
-        self.streams_to_tensor(&self.k)
+    /// A private f32 copy of a dense buffer's cached tokens, [batch, heads, len, head_dim].
+    fn dense_to_tensor(&self, buffer: &Storage) -> Result<Tensor> {
+        let view = Dense::view(buffer, (self.batch, self.heads, self.len, self.head_dim))?;
+        let f = view.to_dtype(DType::F32)?;
+        if f.same_storage(&view) {
+            f.copy()
+        } else {
+            Ok(f)
+        }
     }
 
-    /// The values as the kernel sees them, [batch, heads, len, head_dim] f32.
+    /// The keys as the kernel sees them, [batch, heads, len, head_dim] f32 on the cache's device
+    /// (tests, debugging).
+    pub fn dequantize_k(&self) -> Result<Tensor> {
+        match &self.store {
+            Store::Host { k, .. } => self.streams_to_tensor(k),
+            Store::Dense(dense) => self.dense_to_tensor(&dense.k),
+        }
+    }
+
+    /// The values as the kernel sees them, [batch, heads, len, head_dim] f32 on the cache's device.
     pub fn dequantize_v(&self) -> Result<Tensor> {
-        self.streams_to_tensor(&self.v)
+        match &self.store {
+            Store::Host { v, .. } => self.streams_to_tensor(v),
+            Store::Dense(dense) => self.dense_to_tensor(&dense.v),
+        }
     }
 
     /// softmax(q·kᵀ·`scale`)·v over the cache for `q` [batch, q_heads, q_len, head_dim], q_heads a
     /// multiple of the cache's heads (query head h reads kv head h / (q_heads / heads)). With q_len = 1
     /// the query sees every cached token; with q_len > 1 the queries are the last q_len cached tokens
     /// (a prefill chunk appended just before) and query i sees positions 0..=len − q_len + i. Returns
-    /// [batch, q_heads, q_len, head_dim] in q's dtype, computed in f32, detached: this is not
-    /// differentiable.
+    /// [batch, q_heads, q_len, head_dim] in q's dtype on the cache's device (q must live there),
+    /// computed in f32, detached: this is not differentiable.
     pub fn attend(&self, q: &Tensor, scale: f32) -> Result<Tensor> {
         self.attend_with(q, scale, AttendOptions::default())
     }
 
-    /// [`KvCache::attend`] on the kernels and split of `opts` (tests and benchmarks).
+    /// [`KvCache::attend`] on the kernels and split of `opts` (tests and benchmarks; a dense cache
+    /// checks them but runs tensor ops, which have no such choices).
     pub fn attend_with(&self, q: &Tensor, scale: f32, opts: AttendOptions) -> Result<Tensor> {
         let &[b, q_heads, q_len, d] = q.dims() else {
             crate::bail!(
@@ -416,8 +652,12 @@ impl KvCache {
                 "split-K chunks must hold at least one token"
             );
         }
-        let k: Vec<Rows> = self.k.iter().map(|s| s.rows(self.format)).collect();
-        let v: Vec<Rows> = self.v.iter().map(|s| s.rows(self.format)).collect();
+        let (k, v) = match &self.store {
+            Store::Host { k, v } => (k, v),
+            Store::Dense(dense) => return self.attend_dense(dense, q, scale),
+        };
+        let k: Vec<Rows> = k.iter().map(|s| s.rows(self.format)).collect();
+        let v: Vec<Rows> = v.iter().map(|s| s.rows(self.format)).collect();
         let kv = KvRef {
             k: &k,
             v: &v,
@@ -429,5 +669,53 @@ impl KvCache {
             kv_attention::attend(opts.isa, x, (b, q_heads, q_len), &kv, scale, opts.chunk)
         })?;
         Tensor::from_vec(out, (b, q_heads, q_len, d), Device::Cpu)?.to_dtype(q.dtype())
+    }
+
+    /// [`KvCache::attend`] on a dense cache (shapes checked by the caller), in f32 tensor ops on its
+    /// device: the kv heads' queries side by side as one [batch, heads, group · q_len, head_dim]
+    /// operand (no expanded copy of K or V), scores against the cached prefix read in place, a
+    /// (causal) softmax, the product with V.
+    fn attend_dense(&self, dense: &Dense, q: &Tensor, scale: f32) -> Result<Tensor> {
+        let (b, h, d, len) = (self.batch, self.heads, self.head_dim, self.len);
+        let (q_heads, q_len) = (q.dims()[1], q.dims()[2]);
+        if q.device() != dense.device {
+            return Err(Error::DeviceMismatch {
+                op: "KvCache::attend",
+                lhs: dense.device.to_string(),
+                rhs: q.device().to_string(),
+            });
+        }
+        let group = q_heads / h;
+        let kv = |buffer: &Storage| Dense::view(buffer, (b, h, len, d))?.to_dtype(DType::F32);
+        let (k, v) = (kv(&dense.k)?, kv(&dense.v)?);
+        let q32 = q.detach().to_dtype(DType::F32)?.mul_scalar(scale)?;
+        // Query i of the chunk of c starting at i0 sees keys 0..=len − q_len + i0 + i: the chunk needs
+        // the first `keys` of them, its queries being their last c positions (causal_softmax's rule).
+        let rows = (SCORES_PER_PASS / (b * q_heads * len)).clamp(1, q_len);
+        let mut outs = Vec::with_capacity(q_len.div_ceil(rows));
+        for i0 in (0..q_len).step_by(rows) {
+            let c = rows.min(q_len - i0);
+            let keys = len - q_len + i0 + c;
+            let (kc, vc) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?);
+            let scores = q32
+                .narrow(2, i0, c)?
+                .reshape((b, h, group * c, d))?
+                .matmul(&kc.t()?)?;
+            let probs = if c == 1 {
+                scores.softmax(-1)?
+            } else {
+                scores
+                    .reshape((b * h * group, c, keys))?
+                    .causal_softmax()?
+                    .reshape((b, h, group * c, keys))?
+            };
+            outs.push(probs.matmul(&vc)?.reshape((b, q_heads, c, d))?);
+        }
+        let out = if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat(&outs, 2)?
+        };
+        out.to_dtype(q.dtype())
     }
 }
