@@ -109,7 +109,7 @@ impl Plan {
 
 /// A uniform value in [-1, 1) from the splitmix64 hash of (seed, i): random data made on all cores
 /// (a 64M-element tensor in tens of milliseconds, where a sequential generator takes seconds).
-fn unit(seed: u64, i: usize) -> f32 {
+pub(crate) fn unit(seed: u64, i: usize) -> f32 {
     let mut z = seed
         .wrapping_mul(0xd134_2543_de82_ef95)
         .wrapping_add((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -120,14 +120,14 @@ fn unit(seed: u64, i: usize) -> f32 {
 }
 
 /// Random f32 values of `shape` on `device`.
-fn random(shape: &[usize], seed: u64, device: Device) -> Result<Tensor> {
+pub(crate) fn random(shape: &[usize], seed: u64, device: Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).into_par_iter().map(|i| unit(seed, i)).collect();
     Tensor::from_vec(v, shape.to_vec(), device)
 }
 
 /// The median device time of `f` in milliseconds.
-fn median_ms(
+pub(crate) fn median_ms(
     dev: &CudaDevice,
     warmup: usize,
     reps: usize,
@@ -157,7 +157,7 @@ impl Drop for Tf32 {
 }
 
 /// GB/s of `bytes` moved in `ms`.
-fn gbs(bytes: f64, ms: f64) -> f64 {
+pub(crate) fn gbs(bytes: f64, ms: f64) -> f64 {
     bytes / (ms * 1e-3) / 1e9
 }
 

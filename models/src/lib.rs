@@ -16,6 +16,7 @@
 //! - [`inspect`]: the metadata and tensor table of a GGUF or safetensors file (`trit inspect`).
 //! - [`genbench`]: prompt and generation tokens/s of a GGUF model (`trit bench generate`).
 //! - `gpubench` (feature `cuda`): GPU kernel bandwidth, GEMM TFLOP/s and training tokens/s (`trit bench gpu`).
+//! - `qgpubench` (feature `cuda`): the packed low-bit CUDA kernels against cuBLAS bf16 (`trit bench qgpu`).
 //! - [`wordnet`]: WordNet 3.0 definition modelling (input: a synset's words and example; target: its
 //!   gloss), split 90/5/5, the TBT recipe's task.
 //! - [`bart`]: a BART-style encoder-decoder returning the hidden states and attention maps that
@@ -44,6 +45,8 @@ pub mod llama;
 pub mod llama_gguf;
 pub mod llm;
 pub mod qbench;
+#[cfg(feature = "cuda")]
+pub mod qgpubench;
 pub mod rouge;
 pub mod seq2seq;
 pub mod tbt;

@@ -20,6 +20,7 @@ Examples:
   trit bench train --json                training tokens/s vs PyTorch's CPU figure
   trit bench train --device cuda --precision bf16 --json   ... on a GPU vs PyTorch's H200 figure
   trit bench gpu                         GPU kernels vs the device copy rate, cuBLAS GEMM TFLOP/s
+  trit bench qgpu                        packed low-bit GEMV/GEMM on the GPU vs cuBLAS bf16
   trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
   trit bench attention                   flash attention vs naive, fwd and fwd+bwd; decode per KV format
   trit bench generate --model m.gguf     prompt 512 / generate 128 tokens/s on 2 threads vs llama.cpp
@@ -27,6 +28,7 @@ Examples:
   trit inspect model.gguf                metadata and tensor table of a GGUF or safetensors file
   trit embed --model DIR \"some text\"     sentence embeddings (all-MiniLM-L6-v2 folder), JSON lines
   trit generate --model m.gguf --chat --prompt \"What is the capital of France?\" --temperature 0
+  trit generate --model m.gguf --device cuda --prompt \"Hi\"   ... on a GPU (build with --features cuda)
   trit chat --model m.gguf --kv int8     multi-turn chat on stdin, int8 KV cache
   trit perplexity --model m.gguf --file text.txt
 
@@ -180,6 +182,10 @@ enum BenchCommand {
         kv: KvArg,
         #[command(flatten)]
         weights: WeightsArgs,
+        /// cpu, cuda (the first GPU) or cuda:N; GPUs need a build with `--features cuda` (the peer
+        /// figures stay llama.cpp's on the CPU).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: Device,
         /// A Python with llama-cpp-python: measure llama.cpp in the same run
         /// (scripts/llama_cpp_peer.py) instead of quoting anchors.md.
         #[arg(long, value_name = "PYTHON")]
@@ -205,6 +211,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Smaller sizes and fewer repetitions (about 30 s).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// The packed low-bit CUDA kernels on cuda:0 against cuBLAS bf16 in the same run, at
+    /// x[M, 8192] · W[28672, 8192]ᵀ: ternary, binary, int4, Q4_1 and int8 GEMV (M = 1), ternary and int4
+    /// GEMM (M = 16, 128), with the issue's targets. Needs a build with `--features cuda`.
+    Qgpu {
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// A quarter of the rows and fewer repetitions.
         #[arg(long)]
         quick: bool,
     },
@@ -284,11 +301,15 @@ struct LlmArgs {
     repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// KV cache format.
+    /// KV cache format (f32 or f16 on a GPU).
     #[arg(long, value_enum, default_value_t = KvArg::F32)]
     kv: KvArg,
     #[command(flatten)]
     weights: WeightsArgs,
+    /// cpu, cuda (the first GPU) or cuda:N: where the model runs and its KV cache lives; GPUs need a
+    /// build with `--features cuda`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -358,7 +379,7 @@ impl LlmArgs {
 }
 
 fn run_generate(args: &LlmArgs, prompt: &str, chat: bool) -> trit::Result<()> {
-    let llm = trit_models::llm::Llm::open(&args.model, args.weights.mode(), true)?;
+    let llm = trit_models::llm::Llm::open_on(&args.model, args.weights.mode(), args.device, true)?;
     let prompt = if chat {
         llm.chat_prompt(&[("user", prompt)])?
     } else {
@@ -397,7 +418,7 @@ fn run_perplexity(
 
 fn run_chat(args: &LlmArgs, system: Option<&str>) -> trit::Result<()> {
     use std::io::BufRead;
-    let llm = trit_models::llm::Llm::open(&args.model, args.weights.mode(), true)?;
+    let llm = trit_models::llm::Llm::open_on(&args.model, args.weights.mode(), args.device, true)?;
     let mut turns: Vec<(String, String)> = Vec::new();
     if let Some(s) = system {
         turns.push(("system".into(), s.into()));
@@ -614,6 +635,7 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
             kv,
             ref weights,
             ref peer,
+            device,
         } => {
             use trit_models::genbench::{bench_generate, bench_peer, GenBenchOptions};
             let options = GenBenchOptions {
@@ -623,6 +645,7 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
                 reps: if quick { 1 } else { reps },
                 weights: weights.mode(),
                 kv: kv.format(),
+                device,
             };
             // The peer first: its process is gone before trit's threads start.
             let peer = match peer {
@@ -682,6 +705,21 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
         BenchCommand::Gpu { .. } => {
             return Err(trit::Error::NoCudaDevice(
                 "`trit bench gpu` needs a build with the CUDA backend: cargo run --release --features cuda -- bench gpu".into(),
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        BenchCommand::Qgpu { json, quick } => {
+            let b = trit_models::qgpubench::bench_qgpu(quick)?;
+            if json {
+                println!("{}", b.to_json());
+            } else {
+                print!("{}", b.table());
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        BenchCommand::Qgpu { .. } => {
+            return Err(trit::Error::NoCudaDevice(
+                "`trit bench qgpu` needs a build with the CUDA backend: cargo run --release --features cuda -- bench qgpu".into(),
             ))
         }
     }
