@@ -756,6 +756,134 @@ impl Storage {
         }
     }
 
+    /// Encodes the [b, h, t, d] float view `x`/`layout` row by row as the integer KV format `format`
+    /// and writes row (bi, hi, ti) in place at cache row ((at + ti)·b + bi)·h + hi of an int KV cache:
+    /// `self` its codes (I8, or U8 holding two int4 codes per byte), `scales` its F16 scales, each
+    /// row encoded as [`cpu::kv_attention::quantize_int8`] / [`cpu::kv_attention::quantize_int4`] do.
+    /// On a GPU one fused kernel reads `x` in place and a shared buffer is made private first.
+    pub(crate) fn kv_quantize_append(
+        &mut self,
+        scales: &mut Storage,
+        x: &Storage,
+        layout: &Layout,
+        at: usize,
+        format: cpu::kv_attention::KvFormat,
+    ) -> Result<()> {
+        const OP: &str = "kv_quantize_append";
+        same_device(OP, self, &[scales, x])?;
+        match (self, scales, x) {
+            (Storage::Cpu(codes), Storage::Cpu(sc), Storage::Cpu(xs)) => {
+                let &[b, h, t, d] = layout.dims() else {
+                    crate::bail!(
+                        OP,
+                        "x must be [batch, heads, tokens, head_dim], got {:?}",
+                        layout.dims()
+                    );
+                };
+                let (cpr, spr) = (format.codes_per_row(d), format.scales_per_row(d));
+                let group = cpu_int_format(OP, format, d)?;
+                let rows = at.saturating_add(t).saturating_mul(b * h);
+                let (CpuStorage::F16(sc), true) = (sc, xs.dtype().is_float()) else {
+                    crate::bail!(OP, "need F16 scales and a float x");
+                };
+                if rows.saturating_mul(spr) > sc.len() || rows.saturating_mul(cpr) > codes.len() {
+                    crate::bail!(
+                        OP,
+                        "{rows} rows of {format} do not fit in the cache buffers"
+                    );
+                }
+                let x = xs.to_f32_vec(layout);
+                for (r, xr) in x.chunks_exact(d).enumerate() {
+                    let (ti, bh) = (r % t, r / t);
+                    let dst = (at + ti) * b * h + bh;
+                    let s = &mut sc[dst * spr..][..spr];
+                    match (&mut *codes, format) {
+                        (CpuStorage::I8(c), cpu::kv_attention::KvFormat::Int8 { .. }) => {
+                            cpu::kv_attention::quantize_int8(
+                                xr,
+                                group,
+                                &mut c[dst * cpr..][..cpr],
+                                s,
+                            )
+                        }
+                        (CpuStorage::U8(c), cpu::kv_attention::KvFormat::Int4 { .. }) => {
+                            cpu::kv_attention::quantize_int4(
+                                xr,
+                                d,
+                                group,
+                                &mut c[dst * cpr..][..cpr],
+                                s,
+                            )
+                        }
+                        (c, _) => crate::bail!(OP, "{} codes cannot hold {format}", c.dtype()),
+                    }
+                }
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(codes), Storage::Cuda(sc), Storage::Cuda(xs)) => {
+                cuda::kvcache::quantize_append(xs, layout, codes, sc, at, format)
+            }
+            #[cfg(feature = "cuda")]
+            _ => unreachable!("devices checked above"),
+        }
+    }
+
+    /// The first `rows` rows of an int KV cache (codes `self`, F16 `scales`, as
+    /// [`Storage::kv_quantize_append`] writes them) decoded into a new contiguous f32 [rows, d]: the
+    /// values the CPU's decode kernels see, exactly.
+    pub(crate) fn kv_dequantize(
+        &self,
+        scales: &Storage,
+        rows: usize,
+        d: usize,
+        format: cpu::kv_attention::KvFormat,
+    ) -> Result<Storage> {
+        const OP: &str = "kv_dequantize";
+        same_device(OP, self, &[scales])?;
+        match (self, scales) {
+            (Storage::Cpu(codes), Storage::Cpu(sc)) => {
+                use cpu::kv_attention::{KvFormat, Rows};
+                let group = cpu_int_format(OP, format, d)?;
+                let (cpr, spr) = (format.codes_per_row(d), format.scales_per_row(d));
+                let Some(sc) = sc.as_f16().filter(|s| rows.saturating_mul(spr) <= s.len()) else {
+                    crate::bail!(OP, "need F16 scales for {rows} rows");
+                };
+                let n = rows.saturating_mul(cpr);
+                let stored = match (format, codes.as_i8(), codes.as_u8()) {
+                    (KvFormat::Int8 { .. }, Some(c), _) if n <= c.len() => Rows::Int8 {
+                        codes: c,
+                        scales: sc,
+                        group,
+                    },
+                    (KvFormat::Int4 { .. }, _, Some(c)) if n <= c.len() => Rows::Int4 {
+                        codes: c,
+                        scales: sc,
+                        group,
+                    },
+                    _ => crate::bail!(
+                        OP,
+                        "{} codes of {} do not hold {rows} rows of {format}",
+                        codes.dtype(),
+                        codes.len()
+                    ),
+                };
+                let mut out = vec![0f32; rows * d];
+                let mut buf = vec![0f32; d];
+                for (r, o) in out.chunks_exact_mut(d).enumerate() {
+                    o.copy_from_slice(stored.row(r, &mut buf));
+                }
+                Ok(Storage::Cpu(CpuStorage::F32(out)))
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(codes), Storage::Cuda(sc)) => Ok(Storage::Cuda(
+                cuda::kvcache::dequantize(codes, sc, rows, d, format)?,
+            )),
+            #[cfg(feature = "cuda")]
+            _ => unreachable!("devices checked above"),
+        }
+    }
+
     pub fn to_dtype(&self, layout: &Layout, dtype: DType) -> Result<Storage> {
         if self.dtype() == dtype {
             return self.copy_strided(layout);
@@ -1170,5 +1298,21 @@ fn cuda_softmax(kind: SoftmaxKind) -> cuda::softmax::Softmax {
         SoftmaxKind::Plain => cuda::softmax::Softmax::Plain,
         SoftmaxKind::Log => cuda::softmax::Softmax::Log,
         SoftmaxKind::Causal(queries) => cuda::softmax::Softmax::Causal { queries },
+    }
+}
+
+/// The scale group of an integer KV format, checked to divide head_dim `d` (the CPU codecs panic on a
+/// mismatch, so the dispatch checks first).
+fn cpu_int_format(
+    op: &'static str,
+    format: cpu::kv_attention::KvFormat,
+    d: usize,
+) -> Result<usize> {
+    match format.group() {
+        Some(g) if g > 0 && d > 0 && d.is_multiple_of(g) => Ok(g),
+        _ => crate::bail!(
+            op,
+            "{format} with head_dim {d}: need an integer format whose group divides head_dim"
+        ),
     }
 }

@@ -322,7 +322,7 @@ impl Llama {
 
     /// One empty KV cache per layer for `batch` sequences, stored as `format`, with room reserved for
     /// `max_seq` tokens, on the model's device: host caches for a model on the CPU, dense ones on its
-    /// GPU (f32 or f16 there; the integer formats are an error, see [`KvCache::dense`]).
+    /// GPU (every format; see [`KvCache::dense`]).
     pub fn kv_caches(&self, batch: usize, format: KvFormat) -> Result<Vec<KvCache>> {
         let c = &self.cfg;
         (0..c.layers)

@@ -7,6 +7,7 @@ pub mod copy;
 pub mod device;
 pub mod elementwise;
 pub mod index;
+pub mod kvcache;
 pub mod launch;
 pub mod loss;
 pub mod matmul;

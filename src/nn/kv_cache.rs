@@ -2,9 +2,10 @@
 //! ([`KvFormat`]), and the decode attention that reads it without materialising a dequantized copy.
 //!
 //! The host cache keeps every format in host memory for the CPU's fused decode kernels. The dense
-//! cache keeps f32 or f16 buffers on the device of the tensors it is given (a GPU), appends in place
-//! there and attends with the engine's tensor ops, so a model decoding on a GPU never copies K, V or
-//! activations back to the host.
+//! cache keeps every format in buffers on the device of the tensors it is given (a GPU), appends in
+//! place there (the integer formats through a fused quantize-and-append kernel that writes the host
+//! cache's row encoding bit for bit) and attends with the engine's tensor ops, so a model decoding on
+//! a GPU never copies K, V or activations back to the host.
 //!
 //! Keys are cached after RoPE, as llama.cpp and vLLM do, whereas LLM-QAT quantizes the k_proj output
 //! before RoPE. Caching rotated keys means a decode step rotates only its new key and the kernel reads
@@ -163,26 +164,38 @@ impl Stream {
     }
 }
 
-/// The float K and V of a cache on any device, as two `[capacity, batch, heads, head_dim]` buffers in
-/// the format's dtype, tokens `0..len` written.
+/// K or V of a dense cache: `[capacity, batch, heads, codes_per_row]` codes in the format's dtype (f32,
+/// f16, i8, or u8 holding two int4 codes per byte in the host cache's row encoding) and, for the
+/// integer formats, `[capacity, batch, heads, scales_per_row]` f16 scales.
+#[derive(Clone)]
+struct Buffer {
+    codes: Storage,
+    scales: Option<Storage>,
+}
+
+/// The K and V of a cache on any device, tokens `0..len` written.
 ///
 /// Token-major rather than head-major: appending a chunk of tokens, or moving the cache into a larger
-/// buffer, is one contiguous copy on the device, and attention still reads the cached prefix in place,
-/// as a `[batch, heads, len, head_dim]` view whose token stride cuBLAS takes as its leading dimension.
-/// A clone shares a GPU buffer until either side writes ([`Storage::write_at`] makes it private first);
-/// on the CPU it copies.
+/// buffer, is one contiguous copy (or one quantize-and-append kernel) on the device, and attention
+/// still reads a float cache's prefix in place, as a `[batch, heads, len, head_dim]` view whose token
+/// stride cuBLAS takes as its leading dimension. A clone shares a GPU buffer until either side writes
+/// (the writes make it private first); on the CPU it copies.
 #[derive(Clone)]
 struct Dense {
-    k: Storage,
-    v: Storage,
+    k: Buffer,
+    v: Buffer,
     capacity: usize,
     device: Device,
+    format: KvFormat,
+    /// Rows per token (batch · heads) and values per row.
+    rows: usize,
+    head_dim: usize,
 }
 
 impl std::fmt::Debug for Dense {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dense")
-            .field("dtype", &self.k.dtype())
+            .field("format", &self.format)
             .field("capacity", &self.capacity)
             .field("device", &self.device)
             .finish()
@@ -194,35 +207,88 @@ impl std::fmt::Debug for Dense {
 const SCORES_PER_PASS: usize = 1 << 24;
 
 impl Dense {
-    /// Zeroed buffers with room for `tokens` (at least one) tokens of `per_token` elements.
-    fn new(per_token: usize, dtype: DType, tokens: usize, device: Device) -> Result<Dense> {
+    /// Zeroed buffers with room for `tokens` (at least one) tokens of `rows` (batch · heads) rows of
+    /// `d` values each.
+    fn new(
+        rows: usize,
+        d: usize,
+        format: KvFormat,
+        tokens: usize,
+        device: Device,
+    ) -> Result<Dense> {
         let tokens = tokens.max(1);
-        let buffer = || Storage::full(0.0, tokens * per_token, dtype, device);
+        let (per_token, scales_per_token) = (
+            rows * format.codes_per_row(d),
+            rows * format.scales_per_row(d),
+        );
+        let dtype = match format {
+            KvFormat::F32 => DType::F32,
+            KvFormat::F16 => DType::F16,
+            KvFormat::Int8 { .. } => DType::I8,
+            KvFormat::Int4 { .. } => DType::U8,
+        };
+        let buffer = || -> Result<Buffer> {
+            Ok(Buffer {
+                codes: Storage::full(0.0, tokens * per_token, dtype, device)?,
+                scales: match format.group() {
+                    Some(_) => Some(Storage::full(
+                        0.0,
+                        tokens * scales_per_token,
+                        DType::F16,
+                        device,
+                    )?),
+                    None => None,
+                },
+            })
+        };
         Ok(Dense {
             k: buffer()?,
             v: buffer()?,
             capacity: tokens,
             device,
+            format,
+            rows,
+            head_dim: d,
         })
     }
 
     /// Moves the first `len` tokens into buffers with room for `tokens`; a no-op when they fit.
-    fn grow(&mut self, len: usize, tokens: usize, per_token: usize) -> Result<()> {
+    fn grow(&mut self, len: usize, tokens: usize) -> Result<()> {
         if tokens <= self.capacity {
             return Ok(());
         }
-        let mut bigger = Dense::new(per_token, self.k.dtype(), tokens, self.device)?;
-        let prefix = Layout::contiguous(len * per_token);
-        bigger.k.write_at(0, &self.k, &prefix)?;
-        bigger.v.write_at(0, &self.v, &prefix)?;
+        let (rows, d, f) = (self.rows, self.head_dim, self.format);
+        let mut bigger = Dense::new(rows, d, f, tokens, self.device)?;
+        let codes = Layout::contiguous(len * rows * f.codes_per_row(d));
+        let scales = Layout::contiguous(len * rows * f.scales_per_row(d));
+        for (new, old) in [(&mut bigger.k, &self.k), (&mut bigger.v, &self.v)] {
+            new.codes.write_at(0, &old.codes, &codes)?;
+            if let (Some(new), Some(old)) = (&mut new.scales, &old.scales) {
+                new.write_at(0, old, &scales)?;
+            }
+        }
         *self = bigger;
         Ok(())
     }
 
-    /// The first `len` tokens of `buffer` as a `[batch, heads, len, head_dim]` view: no copy on a GPU;
-    /// on the CPU a copy of the buffer, which only the CPU twin pays (the host cache is the CPU's path).
-    fn view(buffer: &Storage, (b, h, len, d): (usize, usize, usize, usize)) -> Result<Tensor> {
-        Tensor::from_parts(buffer.clone(), Layout::contiguous((len, b, h, d)), None)
+    /// The first `len` tokens of `buffer` as values `[len, batch, heads, head_dim]`: the buffer itself
+    /// for the float formats, a decoded f32 copy for the integer ones.
+    fn values(&self, buffer: &Buffer, len: usize) -> Result<Storage> {
+        match &buffer.scales {
+            None => Ok(buffer.codes.clone()),
+            Some(scales) => {
+                buffer
+                    .codes
+                    .kv_dequantize(scales, len * self.rows, self.head_dim, self.format)
+            }
+        }
+    }
+
+    /// The first `len` tokens of `values` ([`Dense::values`]) as a `[batch, heads, len, head_dim]`
+    /// view: no copy on a GPU; on the CPU a copy of the buffer, which only the CPU twin pays (the host
+    /// cache is the CPU's path).
+    fn view(values: &Storage, (b, h, len, d): (usize, usize, usize, usize)) -> Result<Tensor> {
+        Tensor::from_parts(values.clone(), Layout::contiguous((len, b, h, d)), None)
             .permute(&[1, 2, 0, 3])
     }
 }
@@ -233,8 +299,8 @@ enum Store {
     /// One stream per (batch, kv head), batch-major, in host memory: every format, read by the CPU
     /// decode kernels of [`crate::cpu::kv_attention`].
     Host { k: Vec<Stream>, v: Vec<Stream> },
-    /// Float buffers on a device, attended with the engine's tensor ops (cuBLAS and the softmax
-    /// kernels on a GPU).
+    /// Buffers on a device, attended with the engine's tensor ops (cuBLAS and the softmax kernels on
+    /// a GPU; the integer formats dequantized first).
     Dense(Dense),
 }
 
@@ -243,8 +309,9 @@ enum Store {
 /// front with [`KvCache::with_capacity`] to never reallocate).
 ///
 /// Two stores: the host cache ([`KvCache::new`], every format, CPU tensors) and the dense cache
-/// ([`KvCache::dense`], f32 or f16 buffers on the device of the tensors it is given, so that decoding
-/// on a GPU never leaves it). [`KvCache::on_device`] picks the one a model on a device decodes with.
+/// ([`KvCache::dense`], every format, buffers on the device of the tensors it is given, so that
+/// decoding on a GPU never leaves it). [`KvCache::on_device`] picks the one a model on a device
+/// decodes with.
 /// Both have the same semantics; the dense one also runs on the CPU, where it is the reference the
 /// tests check the GPU path's logic against.
 #[derive(Clone, Debug)]
@@ -314,11 +381,13 @@ impl KvCache {
         Ok(cache)
     }
 
-    /// An empty dense cache on `device` with room for `tokens` tokens: f32 or f16 buffers there,
-    /// written in place as tokens arrive and attended with tensor ops, so K, V, the queries and the
-    /// result all stay on the device. The integer formats are an error (a GPU int8/int4 cache is not
-    /// implemented yet; on the CPU they run in the host cache), as is a device this build or machine
-    /// cannot allocate on ([`Device::check`]).
+    /// An empty dense cache on `device` with room for `tokens` tokens: buffers there, written in
+    /// place as tokens arrive and attended with tensor ops, so K, V, the queries and the result all
+    /// stay on the device. The integer formats keep codes and f16 scales laid out like the float
+    /// buffers (`[capacity, batch, heads, codes or scales per row]`), each row encoded exactly as the
+    /// host cache encodes it. A device this build or machine cannot allocate on is an error
+    /// ([`Device::check`]). On the CPU this is the twin the tests check the GPU path's logic with;
+    /// decoding there uses the host cache ([`KvCache::on_device`]).
     pub fn dense(
         batch: usize,
         heads: usize,
@@ -327,22 +396,8 @@ impl KvCache {
         tokens: usize,
         device: Device,
     ) -> Result<KvCache> {
-        const OP: &str = "KvCache::dense";
-        KvCache::check(OP, batch, heads, head_dim, format)?;
-        let dtype = match format {
-            KvFormat::F32 => DType::F32,
-            KvFormat::F16 => DType::F16,
-            KvFormat::Int8 { .. } | KvFormat::Int4 { .. } if device.is_cuda() => crate::bail!(
-                OP,
-                "{format} KV caches are not supported on {device} yet: caches on a GPU hold f32 or f16 \
-                 (the int8 and int4 caches run on the CPU)"
-            ),
-            KvFormat::Int8 { .. } | KvFormat::Int4 { .. } => crate::bail!(
-                OP,
-                "the dense cache holds f32 or f16; {format} caches are host caches (KvCache::new)"
-            ),
-        };
-        let store = Store::Dense(Dense::new(batch * heads * head_dim, dtype, tokens, device)?);
+        KvCache::check("KvCache::dense", batch, heads, head_dim, format)?;
+        let store = Store::Dense(Dense::new(batch * heads, head_dim, format, tokens, device)?);
         Ok(KvCache {
             batch,
             heads,
@@ -354,8 +409,8 @@ impl KvCache {
     }
 
     /// The cache a model whose tensors live on `device` decodes with, room reserved for `tokens`: the
-    /// host cache on the CPU (every format, the CPU's fused decode kernels), a dense one on a GPU
-    /// (f32 or f16; see [`KvCache::dense`]).
+    /// host cache on the CPU (the CPU's fused decode kernels), a dense one on a GPU (see
+    /// [`KvCache::dense`]).
     pub fn on_device(
         batch: usize,
         heads: usize,
@@ -374,7 +429,6 @@ impl KvCache {
     /// cache's device cannot allocate the larger buffers (the cache is then unchanged).
     pub fn reserve(&mut self, additional: usize) -> Result<()> {
         let (d, f) = (self.head_dim, self.format);
-        let per_token = self.batch * self.heads * d;
         match &mut self.store {
             Store::Host { k, v } => {
                 for s in k.iter_mut().chain(v) {
@@ -387,7 +441,7 @@ impl KvCache {
                 if need <= dense.capacity {
                     return Ok(());
                 }
-                dense.grow(self.len, need.max(2 * dense.capacity), per_token)
+                dense.grow(self.len, need.max(2 * dense.capacity))
             }
         }
     }
@@ -534,17 +588,32 @@ impl KvCache {
                         });
                     }
                 }
-                let per_token = self.batch * self.heads * d;
                 let need = self.len + want[2];
                 if need > dense.capacity {
-                    dense.grow(self.len, need.max(2 * dense.capacity), per_token)?;
+                    dense.grow(self.len, need.max(2 * dense.capacity))?;
                 }
                 // Written past the length: if V fails after K is in, the cache still reads as before.
-                let at = self.len * per_token;
-                let dtype = dense.k.dtype();
+                let at = self.len;
+                let per_token = dense.rows * d;
                 for (buffer, x) in [(&mut dense.k, k), (&mut dense.v, v)] {
-                    let rows = x.detach().permute(&[2, 0, 1, 3])?.to_dtype(dtype)?;
-                    buffer.write_at(at, &rows.storage(), rows.layout())?;
+                    match &mut buffer.scales {
+                        Some(scales) => buffer.codes.kv_quantize_append(
+                            scales,
+                            &x.storage(),
+                            x.layout(),
+                            at,
+                            f,
+                        )?,
+                        None => {
+                            let dtype = buffer.codes.dtype();
+                            let rows = x.detach().permute(&[2, 0, 1, 3])?.to_dtype(dtype)?;
+                            buffer.codes.write_at(
+                                at * per_token,
+                                &rows.storage(),
+                                rows.layout(),
+                            )?;
+                        }
+                    }
                 }
             }
         }
@@ -566,8 +635,9 @@ impl KvCache {
     }
 
     /// A private f32 copy of a dense buffer's cached tokens, [batch, heads, len, head_dim].
-    fn dense_to_tensor(&self, buffer: &Storage) -> Result<Tensor> {
-        let view = Dense::view(buffer, (self.batch, self.heads, self.len, self.head_dim))?;
+    fn dense_to_tensor(&self, dense: &Dense, buffer: &Buffer) -> Result<Tensor> {
+        let values = dense.values(buffer, self.len)?;
+        let view = Dense::view(&values, (self.batch, self.heads, self.len, self.head_dim))?;
         let f = view.to_dtype(DType::F32)?;
         if f.same_storage(&view) {
             f.copy()
@@ -581,7 +651,7 @@ impl KvCache {
     pub fn dequantize_k(&self) -> Result<Tensor> {
         match &self.store {
             Store::Host { k, .. } => self.streams_to_tensor(k),
-            Store::Dense(dense) => self.dense_to_tensor(&dense.k),
+            Store::Dense(dense) => self.dense_to_tensor(dense, &dense.k),
         }
     }
 
@@ -589,7 +659,7 @@ impl KvCache {
     pub fn dequantize_v(&self) -> Result<Tensor> {
         match &self.store {
             Store::Host { v, .. } => self.streams_to_tensor(v),
-            Store::Dense(dense) => self.dense_to_tensor(&dense.v),
+            Store::Dense(dense) => self.dense_to_tensor(dense, &dense.v),
         }
     }
 
@@ -675,6 +745,11 @@ impl KvCache {
     /// device: the kv heads' queries side by side as one [batch, heads, group · q_len, head_dim]
     /// operand (no expanded copy of K or V), scores against the cached prefix read in place, a
     /// (causal) softmax, the product with V.
+    ///
+    /// An integer cache is first dequantized whole into f32 K and V: correct (the values are exactly
+    /// those the host cache's kernels decode) but it materialises 2 · len · batch · heads · head_dim
+    /// floats per call and reads them again; a flash-decoding kernel that reads the codes in place is
+    /// what would make the int formats pay off on a GPU.
     fn attend_dense(&self, dense: &Dense, q: &Tensor, scale: f32) -> Result<Tensor> {
         let (b, h, d, len) = (self.batch, self.heads, self.head_dim, self.len);
         let (q_heads, q_len) = (q.dims()[1], q.dims()[2]);
@@ -686,7 +761,9 @@ impl KvCache {
             });
         }
         let group = q_heads / h;
-        let kv = |buffer: &Storage| Dense::view(buffer, (b, h, len, d))?.to_dtype(DType::F32);
+        let kv = |buffer: &Buffer| {
+            Dense::view(&dense.values(buffer, len)?, (b, h, len, d))?.to_dtype(DType::F32)
+        };
         let (k, v) = (kv(&dense.k)?, kv(&dense.v)?);
         let q32 = q.detach().to_dtype(DType::F32)?.mul_scalar(scale)?;
         // Query i of the chunk of c starting at i0 sees keys 0..=len − q_len + i0 + i: the chunk needs
