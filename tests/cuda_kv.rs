@@ -218,3 +218,147 @@ fn device_int_cache_clones_are_independent() -> Result<()> {
     }
     Ok(())
 }
+
+/// Rows of `d` values of moderate size (scores stay within a few units, so f32 rounding of the
+/// dot products moves the softmax by well under the tolerance), each row its own magnitude, some zero.
+fn moderate_rows(n: usize, d: usize, rng: &mut DataRng) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n * d);
+    for _ in 0..n {
+        let mag = if rng.below(16) == 0 {
+            0.0
+        } else {
+            10f64.powf(rng.range(-1.0, 0.5))
+        };
+        v.extend((0..d).map(|_| (rng.normal() * mag) as f32));
+    }
+    v
+}
+
+/// Appends the same `n` new tokens of K and V ([b, h, n, d] f32) to both caches.
+fn append_both(host: &mut KvCache, gpu: &mut KvCache, n: usize, rng: &mut DataRng) -> Result<()> {
+    let (b, h, d) = (host.batch(), host.heads(), host.head_dim());
+    let k = Tensor::from_vec(moderate_rows(b * h * n, d, rng), (b, h, n, d), CPU)?;
+    let v = Tensor::from_vec(moderate_rows(b * h * n, d, rng), (b, h, n, d), CPU)?;
+    host.append(&k, &v)?;
+    gpu.append(&k.to_device(GPU)?, &v.to_device(GPU)?)
+}
+
+/// Decode attention (one query token per head) of both caches for q [b, hq, 1, d] in `dtype`, within
+/// `tol` of the larger of |V| and the expected value; `narrowed` hands the GPU q as a strided view.
+fn assert_same_decode(
+    host: &KvCache,
+    gpu: &KvCache,
+    hq: usize,
+    dtype: DType,
+    narrowed: bool,
+    rng: &mut DataRng,
+    what: &str,
+) -> Result<()> {
+    let (b, d) = (host.batch(), host.head_dim());
+    let tol = match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 2e-3,
+        _ => 1e-2,
+    };
+    let wide: Vec<f32> = (0..b * hq * (d + 3)).map(|_| rng.normal() as f32).collect();
+    let wide = Tensor::from_vec(wide, (b, hq, 1, d + 3), CPU)?.to_dtype(dtype)?;
+    let q = wide.narrow(3, 1, d)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let want = host.attend(&q.contiguous()?, scale)?;
+    assert_eq!(want.dtype(), dtype);
+    let gpu_q = if narrowed {
+        wide.to_device(GPU)?.narrow(3, 1, d)?
+    } else {
+        q.contiguous()?.to_device(GPU)?
+    };
+    let got = gpu.attend(&gpu_q, scale)?;
+    assert_eq!((got.device(), got.dtype()), (GPU, dtype));
+    assert_eq!(got.dims(), &[b, hq, 1, d]);
+    let (got, want) = (got.to_device(CPU)?.to_vec_f32(), want.to_vec_f32());
+    let vmax = host
+        .dequantize_v()?
+        .to_vec_f32()
+        .iter()
+        .fold(0f32, |a, x| a.max(x.abs()));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (vmax + w.abs()),
+            "{what} hq {hq} {dtype:?}: element {i} is {g} on the GPU, {w} in the host cache"
+        );
+    }
+    Ok(())
+}
+
+/// The flash-decoding kernels against the host cache: every format, f32, f16 and bf16 queries, GQA
+/// groups of 1, 3 and 4 (and one of 9, past a block's eight query heads), batch 2, head_dims 64, 128
+/// and 40, lengths 1, 7, 1000 (one chunk's tail) and 4097 (many splits, a one-token tail tile).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_decode_attention_matches_host_cache() -> Result<()> {
+    let _lock = shared();
+    let mut rng = DataRng::new(33);
+    let (b, h) = (2, 2);
+    for d in [64, 128, 40] {
+        for format in [
+            KvFormat::F32,
+            KvFormat::F16,
+            KvFormat::Int8 { group: d },
+            KvFormat::Int8 { group: 8 },
+            KvFormat::Int4 { group: d },
+            KvFormat::Int4 { group: 8 },
+        ] {
+            let mut host = KvCache::new(b, h, d, format)?;
+            let mut gpu = KvCache::dense(b, h, d, format, 1, GPU)?;
+            for len in [1, 7, 1000, 4097] {
+                let new = len - host.len();
+                append_both(&mut host, &mut gpu, new, &mut rng)?;
+                let what = format!("{format} d {d} len {len}");
+                for group in [1, 3, 4] {
+                    for dtype in [DType::F32, DType::F16, DType::BF16] {
+                        let narrowed = group == 3;
+                        assert_same_decode(
+                            &host,
+                            &gpu,
+                            h * group,
+                            dtype,
+                            narrowed,
+                            &mut rng,
+                            &what,
+                        )?;
+                    }
+                }
+            }
+            assert_same_decode(&host, &gpu, 9 * h, DType::F32, false, &mut rng, "group 9")?;
+        }
+    }
+    Ok(())
+}
+
+/// A head_dim past the kernels' 256 takes the tensor ops and still matches; the odd one 7 with int4's
+/// padding nibble takes the kernels.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_decode_attention_other_head_dims() -> Result<()> {
+    let _lock = shared();
+    let mut rng = DataRng::new(34);
+    for (d, format) in [
+        (320, KvFormat::Int8 { group: 64 }),
+        (256, KvFormat::Int4 { group: 32 }),
+        (7, KvFormat::Int4 { group: 7 }),
+        (7, KvFormat::F16),
+    ] {
+        let mut host = KvCache::new(1, 2, d, format)?;
+        let mut gpu = KvCache::dense(1, 2, d, format, 4, GPU)?;
+        append_both(&mut host, &mut gpu, 70, &mut rng)?;
+        assert_same_decode(
+            &host,
+            &gpu,
+            4,
+            DType::F32,
+            false,
+            &mut rng,
+            &format!("{format} d {d}"),
+        )?;
+    }
+    Ok(())
+}

@@ -7,6 +7,7 @@ pub mod copy;
 pub mod device;
 pub mod elementwise;
 pub mod index;
+pub mod kvattn;
 pub mod kvcache;
 pub mod launch;
 pub mod loss;

@@ -6,6 +6,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("copy", include_str!("../../ptx/copy.ptx")),
     ("elementwise", include_str!("../../ptx/elementwise.ptx")),
     ("index", include_str!("../../ptx/index.ptx")),
+    ("kvattn", include_str!("../../ptx/kvattn.ptx")),
     ("kvcache", include_str!("../../ptx/kvcache.ptx")),
     ("loss", include_str!("../../ptx/loss.ptx")),
     ("norm", include_str!("../../ptx/norm.ptx")),

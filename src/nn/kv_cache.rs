@@ -4,8 +4,9 @@
 //! The host cache keeps every format in host memory for the CPU's fused decode kernels. The dense
 //! cache keeps every format in buffers on the device of the tensors it is given (a GPU), appends in
 //! place there (the integer formats through a fused quantize-and-append kernel that writes the host
-//! cache's row encoding bit for bit) and attends with the engine's tensor ops, so a model decoding on
-//! a GPU never copies K, V or activations back to the host.
+//! cache's row encoding bit for bit) and attends there (one query token per head on a GPU: a
+//! flash-decoding kernel reading the codes in place; otherwise the engine's tensor ops), so a model
+//! decoding on a GPU never copies K, V or activations back to the host.
 //!
 //! Keys are cached after RoPE, as llama.cpp and vLLM do, whereas LLM-QAT quantizes the k_proj output
 //! before RoPE. Caching rotated keys means a decode step rotates only its new key and the kernel reads
@@ -299,8 +300,9 @@ enum Store {
     /// One stream per (batch, kv head), batch-major, in host memory: every format, read by the CPU
     /// decode kernels of [`crate::cpu::kv_attention`].
     Host { k: Vec<Stream>, v: Vec<Stream> },
-    /// Buffers on a device, attended with the engine's tensor ops (cuBLAS and the softmax kernels on
-    /// a GPU; the integer formats dequantized first).
+    /// Buffers on a device: a decode step (one query token) on a GPU attends with the flash-decoding
+    /// kernels, anything else with the engine's tensor ops (cuBLAS and the softmax kernels on a GPU;
+    /// the integer formats dequantized first).
     Dense(Dense),
 }
 
@@ -674,7 +676,7 @@ impl KvCache {
     }
 
     /// [`KvCache::attend`] on the kernels and split of `opts` (tests and benchmarks; a dense cache
-    /// checks them but runs tensor ops, which have no such choices).
+    /// checks them but runs the flash-decoding kernels or tensor ops, which have no such choices).
     pub fn attend_with(&self, q: &Tensor, scale: f32, opts: AttendOptions) -> Result<Tensor> {
         let &[b, q_heads, q_len, d] = q.dims() else {
             crate::bail!(
@@ -746,10 +748,10 @@ impl KvCache {
     /// operand (no expanded copy of K or V), scores against the cached prefix read in place, a
     /// (causal) softmax, the product with V.
     ///
-    /// An integer cache is first dequantized whole into f32 K and V: correct (the values are exactly
-    /// those the host cache's kernels decode) but it materialises 2 · len · batch · heads · head_dim
-    /// floats per call and reads them again; a flash-decoding kernel that reads the codes in place is
-    /// what would make the int formats pay off on a GPU.
+    /// One query token per head on a CUDA device goes to the flash-decoding kernels (`attend_flash`),
+    /// which read the codes in place. Otherwise an integer cache is first dequantized whole into f32 K
+    /// and V: correct (the values are exactly those the host cache's kernels decode) but it
+    /// materialises 2 · len · batch · heads · head_dim floats per call and reads them again.
     fn attend_dense(&self, dense: &Dense, q: &Tensor, scale: f32) -> Result<Tensor> {
         let (b, h, d, len) = (self.batch, self.heads, self.head_dim, self.len);
         let (q_heads, q_len) = (q.dims()[1], q.dims()[2]);
@@ -759,6 +761,12 @@ impl KvCache {
                 lhs: dense.device.to_string(),
                 rhs: q.device().to_string(),
             });
+        }
+        #[cfg(feature = "cuda")]
+        if q_len == 1 {
+            if let Some(out) = self.attend_flash(dense, q, scale)? {
+                return Ok(out);
+            }
         }
         let group = q_heads / h;
         let kv = |buffer: &Buffer| {
@@ -794,5 +802,53 @@ impl KvCache {
             Tensor::cat(&outs, 2)?
         };
         out.to_dtype(q.dtype())
+    }
+
+    /// One query token per head over a dense cache on a CUDA device (shapes and devices checked by
+    /// the caller): the flash-decoding kernels of [`crate::cuda::kvattn`], which read the codes in
+    /// place. `None` for a CPU cache or a head_dim past the kernels' limit, which take the tensor ops.
+    #[cfg(feature = "cuda")]
+    fn attend_flash(&self, dense: &Dense, q: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+        use crate::cuda::kvattn::{self, KvBuffer, KvShape};
+        if self.head_dim > kvattn::MAX_HEAD_DIM {
+            return Ok(None);
+        }
+        let q = q.detach();
+        let qs = q.storage();
+        let cuda = |s: &Storage| match s {
+            Storage::Cuda(s) => Some(s.clone()),
+            Storage::Cpu(_) => None,
+        };
+        let (Some(qc), Some(kc), Some(vc)) =
+            (cuda(&qs), cuda(&dense.k.codes), cuda(&dense.v.codes))
+        else {
+            return Ok(None);
+        };
+        let (ks, vs) = (
+            dense.k.scales.as_ref().and_then(cuda),
+            dense.v.scales.as_ref().and_then(cuda),
+        );
+        let out = kvattn::attend(
+            &qc,
+            q.layout(),
+            KvBuffer {
+                codes: &kc,
+                scales: ks.as_ref(),
+            },
+            KvBuffer {
+                codes: &vc,
+                scales: vs.as_ref(),
+            },
+            KvShape {
+                batch: self.batch,
+                heads: self.heads,
+                head_dim: self.head_dim,
+                len: self.len,
+            },
+            self.format,
+            scale,
+        )?;
+        let shape = Layout::contiguous((self.batch, q.dims()[1], 1, self.head_dim));
+        Ok(Some(Tensor::from_parts(Storage::Cuda(out), shape, None)))
     }
 }
