@@ -8,6 +8,8 @@
 //!   copy rate, with the targets: ternary ≤ 25 µs, binary ≤ 14 µs, int4 ≤ 55 µs.
 //! - GEMM (M = 16 and 128) for ternary and int4: at M = 16 at least 3× faster than the peer, at M = 128
 //!   faster.
+//! - Decode attention over the GPU KV cache (f16, int8, int4) at anchors.md's shape: batch 8, 32 query
+//!   and 8 kv heads of 128, 4k and 32k cached tokens, next to PyTorch's bf16 SDPA figures.
 //! - Batch-1 decode tokens/s of a model of SmolLM2-135M's shape with random Q4_1 weights packed on the
 //!   GPU (the real file is more than a GPU check can carry; speed does not depend on the values).
 //!
@@ -25,7 +27,7 @@ use serde_json::{json, Value};
 use trit::cpu::qmatmul::ActMode;
 use trit::cuda::qmatmul::{qmatmul, CudaQWeights};
 use trit::cuda::{CudaDevice, CudaStorage};
-use trit::nn::kv_cache::KvFormat;
+use trit::nn::kv_cache::{KvCache, KvFormat};
 use trit::nn::ParamStore;
 use trit::ops::rope::RopeStyle;
 use trit::quant::{Group, QFormat, QTensor};
@@ -77,7 +79,22 @@ pub struct QGpuBench {
     /// (M, µs) of the cuBLAS bf16 peer.
     pub peer: Vec<(usize, f64)>,
     pub rows: Vec<QRow>,
+    pub attention: Vec<AttnRow>,
     pub decode: DecodeRow,
+}
+
+/// Decode attention over a KV cache on the GPU: q [8, 32, 1, 128] against 8 kv heads of `len` tokens.
+#[derive(Clone, Debug)]
+pub struct AttnRow {
+    pub format: String,
+    pub len: usize,
+    pub us: f64,
+    /// Cache bytes per call (codes and scales of K and V).
+    pub cache_bytes: usize,
+    /// The bound at this point, where it sets one (int8 ≤ 200 µs, int4 ≤ 110 µs at 32k).
+    pub target_us: Option<f64>,
+    /// PyTorch bf16 SDPA on an H100 at this length (anchors.md: 64.5 µs at 4k, 365 µs at 32k).
+    pub torch_bf16_us: f64,
 }
 
 /// Batch-1 decoding of a model of SmolLM2-135M's shape with random Q4_1 weights, packed on the GPU.
@@ -242,6 +259,44 @@ fn bench_decode(gpu: Device, prompt: usize, generated: usize) -> Result<DecodeRo
     })
 }
 
+/// Decode attention at anchors.md's shape (batch 8, 32 query / 8 kv heads, head_dim 128) over a
+/// cache of each format at 4k and 32k tokens (`quick`: 4k only).
+fn bench_attention(
+    dev: &CudaDevice,
+    gpu: Device,
+    quick: bool,
+    (warmup, reps, calls): (usize, usize, usize),
+) -> Result<Vec<AttnRow>> {
+    let (b, qh, kvh, d) = (8, 32, 8, 128);
+    let lens: &[usize] = if quick { &[4096] } else { &[4096, 32768] };
+    let q = random(&[b, qh, 1, d], 40, gpu)?.to_dtype(DType::BF16)?;
+    let mut rows = Vec::new();
+    for &len in lens {
+        let k = random(&[b, kvh, len, d], 41, gpu)?;
+        let v = random(&[b, kvh, len, d], 42, gpu)?;
+        for (name, format, target) in [
+            ("f16", KvFormat::F16, None),
+            ("int8 g32", KvFormat::Int8 { group: 32 }, Some(200.0)),
+            ("int4 g32", KvFormat::Int4 { group: 32 }, Some(110.0)),
+        ] {
+            let mut cache = KvCache::dense(b, kvh, d, format, len, gpu)?;
+            cache.append(&k, &v)?;
+            let us = per_call_us(dev, warmup, reps, calls, |_| {
+                cache.attend(&q, 1.0 / (d as f32).sqrt()).map(drop)
+            })?;
+            rows.push(AttnRow {
+                format: name.to_string(),
+                len,
+                us,
+                cache_bytes: cache.bytes(),
+                target_us: target.filter(|_| len == 32768),
+                torch_bf16_us: if len == 4096 { 64.5 } else { 365.0 },
+            });
+        }
+    }
+    Ok(rows)
+}
+
 /// The median device time of one call in µs: each timed repetition runs `calls` of `f(i)`.
 fn per_call_us(
     dev: &CudaDevice,
@@ -366,6 +421,8 @@ pub fn bench_qgpu(quick: bool) -> Result<QGpuBench> {
         }
     }
 
+    let attention = bench_attention(&dev, gpu, quick, (warmup, reps, calls))?;
+
     // A first decode loads the modules and fills the allocator's cache; the second is timed.
     let (prompt, generated) = if quick { (16, 16) } else { (64, 128) };
     bench_decode(gpu, prompt, 4)?;
@@ -382,6 +439,7 @@ pub fn bench_qgpu(quick: bool) -> Result<QGpuBench> {
         copy_gbs,
         peer,
         rows,
+        attention,
         decode,
     })
 }
@@ -410,6 +468,15 @@ impl QGpuBench {
                 "speedup_vs_peer": r.speedup(),
                 "target_us": r.target_us,
                 "meets_target": r.meets_target(),
+            })).collect::<Vec<_>>(),
+            "attention": self.attention.iter().map(|a| json!({
+                "shape": "q [8, 32, 1, 128], 8 kv heads",
+                "format": a.format,
+                "len": a.len,
+                "us": a.us,
+                "cache_bytes": a.cache_bytes,
+                "target_us": a.target_us,
+                "torch_bf16_us": a.torch_bf16_us,
             })).collect::<Vec<_>>(),
             "decode": {
                 "model": "SmolLM2-135M shape, random Q4_1 weights packed on the GPU, f32 KV cache, batch 1, greedy",
@@ -464,6 +531,24 @@ impl QGpuBench {
                 r.peer_us,
                 r.speedup(),
                 target
+            );
+        }
+        s += "\ndecode attention, q [8, 32, 1, 128] against 8 kv heads (PyTorch bf16 SDPA from anchors.md)\n";
+        for a in &self.attention {
+            let target = a.target_us.map_or(String::new(), |t| {
+                format!(
+                    "  target {t:.0} µs {}",
+                    if a.us <= t { "ok" } else { "MISS" }
+                )
+            });
+            s += &format!(
+                "  {:<9} len {:>6} {:>9.1} µs  {:>6} MB  ({:.2}× PyTorch's {:.1} µs){target}\n",
+                a.format,
+                a.len,
+                a.us,
+                a.cache_bytes >> 20,
+                a.torch_bf16_us / a.us,
+                a.torch_bf16_us
             );
         }
         s += &format!(
