@@ -124,15 +124,27 @@ fn assert_same_attention(
     let got = gpu.attend(&q.to_device(GPU)?, scale)?;
     assert_eq!(got.device(), GPU);
     let got = got.to_device(CPU)?.to_vec_f32();
+    assert_close_to_host(host, &got, &want, 1e-4, &format!("{what} hq {hq} tq {tq}"))
+}
+
+/// Every element of `got` within `tol` · (max|V| + |want|) of the host cache's `want`.
+fn assert_close_to_host(
+    host: &KvCache,
+    got: &[f32],
+    want: &[f32],
+    tol: f32,
+    what: &str,
+) -> Result<()> {
+    assert_eq!(got.len(), want.len(), "{what}: element counts");
     let vmax = host
         .dequantize_v()?
         .to_vec_f32()
         .iter()
         .fold(0f32, |a, x| a.max(x.abs()));
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!(
-            (g - w).abs() <= 1e-4 * vmax + 1e-4 * w.abs(),
-            "{what} hq {hq} tq {tq}: element {i} is {g} on the GPU, {w} in the host cache"
+            (g - w).abs() <= tol * (vmax + w.abs()),
+            "{what}: element {i} is {g} on the GPU, {w} in the host cache"
         );
     }
     Ok(())
@@ -275,18 +287,7 @@ fn assert_same_decode(
     assert_eq!((got.device(), got.dtype()), (GPU, dtype));
     assert_eq!(got.dims(), &[b, hq, 1, d]);
     let (got, want) = (got.to_device(CPU)?.to_vec_f32(), want.to_vec_f32());
-    let vmax = host
-        .dequantize_v()?
-        .to_vec_f32()
-        .iter()
-        .fold(0f32, |a, x| a.max(x.abs()));
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * (vmax + w.abs()),
-            "{what} hq {hq} {dtype:?}: element {i} is {g} on the GPU, {w} in the host cache"
-        );
-    }
-    Ok(())
+    assert_close_to_host(host, &got, &want, tol, &format!("{what} hq {hq} {dtype:?}"))
 }
 
 /// The flash-decoding kernels against the host cache: every format, f32, f16 and bf16 queries, GQA
