@@ -1156,6 +1156,89 @@ proptest! {
     }
 }
 
+/// Document ids for `n` keys: runs of 1 to 40 equal ids, an id sometimes repeating after a different
+/// one (a new document all the same).
+fn documents(n: usize, rng: &mut DataRng) -> Vec<f64> {
+    let mut ids = Vec::with_capacity(n);
+    let mut id = 0.0;
+    while ids.len() < n {
+        let run = 1 + rng.below(40);
+        ids.extend(std::iter::repeat_n(id, run.min(n - ids.len())));
+        id = if rng.below(4) == 0 { 0.0 } else { id + 1.0 };
+    }
+    ids
+}
+
+proptest! {
+    #![proptest_config(cases(32))]
+
+    /// The GPU's flash kernels (cuda/flash_fwd.cu, cuda/flash_bwd.cu: f16/bf16 on tensor cores, head_dim
+    /// 64 and 128) against the CPU's fused kernel on the same rounded inputs: the output and the
+    /// gradients of q, k and v, over lengths that are no multiple of the kernels' 64- and 128-row tiles,
+    /// q_len both sides of kv_len (queries of a causal q_len > kv_len see no key and output zeros),
+    /// grouped-query ratios up to 4 and one mask at a time: key padding (a batch row may lose every
+    /// key), packed documents, a sliding window, or RoPE applied before the kernel. Gradients allow
+    /// three times the forward's tolerance: dS = P∘(dP − Δ) cancels in 16-bit inputs.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn flash_kernels_match_the_cpu_kernel(
+        b in 1usize..=2,
+        kv_len in select(vec![1usize, 17, 64, 100, 130, 257]),
+        q_len in select(vec![1usize, 17, 64, 100, 130, 257]),
+        kv_heads in 1usize..=3,
+        group in select(vec![1usize, 2, 3, 4]),
+        d in select(vec![64usize, 128]),
+        f16 in any::<bool>(),
+        causal in any::<bool>(),
+        mask in 0u8..5,
+        lays in proptest::collection::vec(lay(), 3),
+        seed in any::<u64>(),
+    ) {
+        let _gpu = shared();
+        let mut rng = DataRng::new(seed);
+        let dtype = if f16 { DType::F16 } else { DType::BF16 };
+        // RoPE needs q_len ≤ kv_len.
+        let q_len = if mask == 4 { q_len.min(kv_len) } else { q_len };
+        let heads = kv_heads * group;
+        let gen = |r: &mut DataRng| r.range(-2.0, 2.0);
+        let q = Input::var(&[b, q_len, heads, d], lays[0], dtype, &mut rng, gen);
+        let k = Input::var(&[b, kv_len, kv_heads, d], lays[1], dtype, &mut rng, gen);
+        let v = Input::var(&[b, kv_len, kv_heads, d], lays[2], dtype, &mut rng, gen);
+        let table = RopeTable::new(d, kv_len + 8, 10_000.0, 1.0, RopeStyle::Half, CPU).unwrap();
+        let positions = ids_input(&[b, kv_len], kv_len + 8, &mut rng);
+        let all_padded = rng.below(4);
+        let valid = Input::new(&[b, kv_len], Lay::Contiguous, DType::U8, &mut rng, |r| {
+            f64::from(u8::from(all_padded != 0 && r.below(5) != 0))
+        });
+        let docs: Vec<f64> = (0..b).flat_map(|_| documents(kv_len, &mut rng)).collect();
+        let mut docs = docs.into_iter();
+        let segments = Input::new(&[b, kv_len], Lay::Contiguous, DType::I32, &mut rng, |_| {
+            docs.next().unwrap_or(0.0)
+        });
+        let window = 1 + rng.below(kv_len + 4);
+        let what = format!(
+            "flash kernels {dtype:?} b {b} q {q_len} kv {kv_len} heads {heads}/{kv_heads} d {d} \
+             causal {causal} mask {} (window {window})",
+            ["none", "key padding", "documents", "window", "rotary"][mask as usize]
+        );
+        let inputs = [&q, &k, &v, &positions, &valid, &segments];
+        let (gpu, cpu) = run_both(&what, &inputs, |t| {
+            let opts = AttentionOptions {
+                causal,
+                key_padding: (mask == 1).then_some(t[4]),
+                segments: (mask == 2).then_some(t[5]),
+                window: (mask == 3).then_some(window),
+                rotary: (mask == 4).then_some(Rotary { table: &table, positions: t[3] }),
+                ..AttentionOptions::default()
+            };
+            t[0].flash_attention(t[1], t[2], &opts)
+        });
+        assert_within(&what, &gpu, &cpu, tolerance(dtype));
+        let (gl, cl) = losses(&gpu, &cpu, &mut rng);
+        assert_grads(&what, &inputs, &gl, &cl, 3.0 * tolerance(dtype));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Optimizers and gradient clipping
 

@@ -4,6 +4,7 @@
 use super::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// Dims a strided kernel can walk after coalescing (`TRIT_MAX_DIMS` in cuda/common.cuh).
@@ -93,6 +94,7 @@ pub enum Arg {
     I32(i32),
     F32(f32),
     Strided(Strided),
+    Flash(super::flash::FlashParams),
 }
 
 impl From<u64> for Arg {
@@ -151,6 +153,9 @@ pub fn grid_rows(rows: usize, threads: u32, shared_mem_bytes: u32) -> Result<Lau
     })
 }
 
+/// Dynamic shared memory a block may use without opting in.
+const DEFAULT_SHARED_BYTES: u32 = 48 * 1024;
+
 /// Launches `module`'s kernel `kernel` on the device's stream inside an NVTX range named `op`.
 pub fn launch(
     dev: &CudaDevice,
@@ -161,6 +166,20 @@ pub fn launch(
 ) -> Result<()> {
     let _range = super::nvtx::range(op);
     let f = dev.function(module, kernel)?;
+    if cfg.shared_mem_bytes > DEFAULT_SHARED_BYTES {
+        // Blocks past 48 KiB of dynamic shared memory must be opted into per function.
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            cfg.shared_mem_bytes as i32,
+        )
+        .map_err(|e| Error::Cuda {
+            op,
+            msg: format!(
+                "{kernel} needs {} bytes of shared memory per block, more than this GPU allows: {e}",
+                cfg.shared_mem_bytes
+            ),
+        })?;
+    }
     let mut b = dev.stream().launch_builder(&f);
     for a in args {
         match a {
@@ -170,6 +189,7 @@ pub fn launch(
             Arg::I32(v) => b.arg(v),
             Arg::F32(v) => b.arg(v),
             Arg::Strided(v) => b.arg(v),
+            Arg::Flash(v) => b.arg(v),
         };
     }
     // SAFETY: the argument list matches the kernel's signature in cuda/<module>.cu (each launcher is the

@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod copy;
 pub mod device;
 pub mod elementwise;
+pub mod flash;
 pub mod index;
 pub mod kvattn;
 pub mod kvcache;

@@ -5,6 +5,8 @@
 pub const MODULES: &[(&str, &str)] = &[
     ("copy", include_str!("../../ptx/copy.ptx")),
     ("elementwise", include_str!("../../ptx/elementwise.ptx")),
+    ("flash_bwd", include_str!("../../ptx/flash_bwd.ptx")),
+    ("flash_fwd", include_str!("../../ptx/flash_fwd.ptx")),
     ("index", include_str!("../../ptx/index.ptx")),
     ("kvattn", include_str!("../../ptx/kvattn.ptx")),
     ("kvcache", include_str!("../../ptx/kvcache.ptx")),

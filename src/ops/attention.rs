@@ -1,6 +1,8 @@
 //! Fused scaled-dot-product attention (flash-style: the score matrix is never stored) with its own
 //! backward, over FlashAttention's layout: q [batch, q_len, heads, d], k and v [batch, kv_len, kv_heads, d].
-//! The kernels are in [`crate::cpu::attention`].
+//! The CPU kernels are in [`crate::cpu::attention`]; on a GPU, f16/bf16 heads of 64 or 128 run the
+//! flash kernels of [`crate::cuda::flash`] (cuda/flash_fwd.cu, cuda/flash_bwd.cu) and other dtypes or
+//! head dims the composed ops.
 //!
 //! ```
 //! use trit::ops::attention::AttentionOptions;
@@ -214,8 +216,21 @@ impl Mask<'_> {
     }
 }
 
-/// Attention from primitive ops, for devices without a fused kernel (the GPU until its flash kernel
-/// lands): RoPE, grouped heads expanded, softmax(q·kᵀ·scale + mask)·v; autograd differentiates it.
+/// RoPE on q [batch, heads, q_len, d] and k [batch, kv_heads, kv_len, d] through the rope op (which
+/// autograd differentiates): keys take the positions, query i that of key i + kv_len − q_len.
+fn rotate(q: &Tensor, k: &Tensor, r: Rotary<'_>) -> Result<(Tensor, Tensor)> {
+    let (sq, sk) = (q.dims()[2], k.dims()[2]);
+    let pos = r.positions;
+    let q = if sq == sk {
+        q.rope(r.table, pos)?
+    } else {
+        q.rope(r.table, &pos.narrow(pos.rank() - 1, sk - sq, sq)?)?
+    };
+    Ok((q, k.rope(r.table, pos)?))
+}
+
+/// Attention from primitive ops, for what no fused kernel takes (GPU tensors in f32 or with head dims
+/// other than 64 and 128): RoPE, grouped heads expanded, softmax(q·kᵀ·scale + mask)·v; autograd differentiates it.
 /// Rows that see no key output zeros, as the CPU kernel's do.
 fn composed(
     q: &Tensor,
@@ -233,13 +248,7 @@ fn composed(
     let mut k = k.transpose(1, 2)?;
     let mut v = v.transpose(1, 2)?;
     if let Some(r) = rotary {
-        let pos = r.positions;
-        k = k.rope(r.table, pos)?;
-        q = if sq == sk {
-            q.rope(r.table, pos)?
-        } else {
-            q.rope(r.table, &pos.narrow(pos.rank() - 1, sk - sq, sq)?)?
-        };
+        (q, k) = rotate(&q, &k, r)?;
     }
     if hkv != h {
         let expand = |t: &Tensor| -> Result<Tensor> {
@@ -302,7 +311,8 @@ impl Tensor {
     }
 
     /// [`Tensor::flash_attention`] on an explicit instruction set (tests, benchmarks); an ISA this CPU
-    /// lacks is an error. GPU tensors take the composed path.
+    /// lacks is an error. GPU tensors ignore it: f16/bf16 heads of 64 or 128 take the CUDA flash
+    /// kernels, anything else the composed path.
     pub fn flash_attention_with_isa(
         &self,
         isa: Isa,
@@ -315,7 +325,8 @@ impl Tensor {
 
     /// The same attention built from primitive ops (matmul, softmax, RoPE, masks), materialising the
     /// [batch, heads, q_len, kv_len] scores: the reference for the fused kernels, and the GPU's path
-    /// until its flash kernel lands. Differentiable through autograd.
+    /// for what its flash kernels do not take (f32, head dims other than 64 and 128). Differentiable
+    /// through autograd.
     pub fn attention_composed(
         &self,
         k: &Tensor,
@@ -325,8 +336,8 @@ impl Tensor {
         self.attention_impl(None, k, v, opts)
     }
 
-    /// Checks the problem once, then runs the CPU flash kernel on `isa`, or the composed path when
-    /// `isa` is `None` or the tensors live on a GPU.
+    /// Checks the problem once, then runs the CPU flash kernel on `isa`, the GPU's flash kernels for
+    /// GPU tensors they take, or the composed path when `isa` is `None` or no kernel fits.
     fn attention_impl(
         &self,
         isa: Option<Isa>,
@@ -409,6 +420,13 @@ impl Tensor {
                     );
                     }
                 }
+                #[cfg(feature = "cuda")]
+                if isa.is_some() {
+                    let masks = (key_valid.as_deref(), segments.as_deref());
+                    if let Some(o) = cuda_flash::attention(self, kt, v, opts, masks, scale)? {
+                        return Ok(o);
+                    }
+                }
                 let mask = Mask {
                     causal: opts.causal,
                     window: opts.window,
@@ -485,5 +503,133 @@ impl Tensor {
             self.shape().clone(),
             Some(op),
         ))
+    }
+}
+
+/// The GPU's fused attention: cuda/flash_fwd.cu and cuda/flash_bwd.cu through [`crate::cuda::flash`],
+/// for f16/bf16 heads of 64 or 128; other dtypes and head dims take the composed path.
+#[cfg(feature = "cuda")]
+mod cuda_flash {
+    use super::{rotate, AttentionOptions};
+    use crate::cuda::flash::{self, FlashMask, FlashShape};
+    use crate::error::Result;
+    use crate::layout::Layout;
+    use crate::op::{CustomBackward, Op};
+    use crate::storage::Storage;
+    use crate::tensor::Tensor;
+    use std::sync::Arc;
+
+    struct FlashBackward {
+        shape: FlashShape,
+        mask: FlashMask,
+        scale: f32,
+        lse: crate::cuda::CudaStorage,
+    }
+
+    fn cuda(t: &Tensor) -> crate::cuda::CudaStorage {
+        match &*t.storage() {
+            Storage::Cuda(s) => s.clone(),
+            Storage::Cpu(_) => unreachable!("the flash path is taken for CUDA tensors only"),
+        }
+    }
+
+    fn wrap(s: crate::cuda::CudaStorage, dims: &[usize], op: Option<Op>) -> Tensor {
+        Tensor::from_parts(Storage::Cuda(s), Layout::contiguous(dims), op)
+    }
+
+    impl CustomBackward for FlashBackward {
+        fn name(&self) -> &'static str {
+            "flash_attention"
+        }
+
+        fn backward(
+            &self,
+            inputs: &[Tensor],
+            out: &Tensor,
+            grad: &Tensor,
+        ) -> Result<Vec<Option<Tensor>>> {
+            let [q, k, v] = inputs else {
+                unreachable!("recorded with q, k, v")
+            };
+            let grad = grad.to_dtype(q.dtype())?;
+            let (qs, ks, vs, os, gs) = (cuda(q), cuda(k), cuda(v), cuda(out), cuda(&grad));
+            let (dq, dk, dv) = flash::backward(
+                (&qs, q.layout()),
+                (&ks, k.layout()),
+                (&vs, v.layout()),
+                (&os, out.layout()),
+                &self.lse,
+                (&gs, grad.layout()),
+                self.shape,
+                &self.mask,
+                self.scale,
+            )?;
+            Ok(vec![
+                Some(wrap(dq, q.dims(), None)),
+                Some(wrap(dk, k.dims(), None)),
+                Some(wrap(dv, v.dims(), None)),
+            ])
+        }
+    }
+
+    /// The fused kernels' output for checked inputs on a CUDA device, or `None` when they do not take
+    /// this dtype or head dim. RoPE, when asked for, is applied first by the rope op.
+    pub(super) fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        opts: &AttentionOptions,
+        (key_valid, segments): (Option<&[u8]>, Option<&[i64]>),
+        scale: f32,
+    ) -> Result<Option<Tensor>> {
+        let (&[batch, sq, heads, head_dim], &[_, sk, kv_heads, _]) = (q.dims(), k.dims()) else {
+            unreachable!("shapes checked by flash_attention")
+        };
+        let dtype = q.dtype();
+        if !flash::supports(dtype, head_dim) || k.dtype() != dtype || v.dtype() != dtype {
+            return Ok(None);
+        }
+        let (q, k) = match opts.rotary {
+            Some(r) => {
+                let (q, k) = rotate(&q.transpose(1, 2)?, &k.transpose(1, 2)?, r)?;
+                (q.transpose(1, 2)?, k.transpose(1, 2)?)
+            }
+            None => (q.clone(), k.clone()),
+        };
+        let shape = FlashShape {
+            batch,
+            sq,
+            sk,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let (qs, ks, vs) = (cuda(&q), cuda(&k), cuda(v));
+        let mask = FlashMask::new(
+            qs.device(),
+            shape,
+            opts.causal,
+            opts.window,
+            key_valid,
+            segments,
+        )?;
+        let (o, lse) = flash::forward(
+            (&qs, q.layout()),
+            (&ks, k.layout()),
+            (&vs, v.layout()),
+            shape,
+            &mask,
+            scale,
+        )?;
+        let op = Op::Custom(
+            vec![q.clone(), k.clone(), v.clone()],
+            Arc::new(FlashBackward {
+                shape,
+                mask,
+                scale,
+                lse,
+            }),
+        );
+        Ok(Some(wrap(o, q.dims(), Some(op))))
     }
 }
