@@ -13,13 +13,16 @@
 //! and, with activation bits, the input of every linear layer, q, k and v before the attention matmul and
 //! the attention probabilities before their matmul with v. Its parameters have the teacher's names (plus
 //! the activation steps `alpha`), so [`ParamStore::load`] initialises it from the teacher.
+//! [`Bart::freeze`] then packs a trained student's weights and token table for inference.
 
 use crate::beam::{self, BeamConfig};
 use std::fmt;
+use trit::cpu::qmatmul::ActMode;
 use trit::nn::{
     ActQuant, Embedding, Init, LayerNorm, Linear, ParamStore, QuantLinear, QuantLinearConfig,
 };
 use trit::quant::quantizers::{ElasticQuantizer, Granularity, Quantizer, TbtForm};
+use trit::quant::QTensor;
 use trit::{Error, Result, Tensor};
 
 /// What a student quantizes: TBT's E-W-A settings, or a baseline's weight quantizer.
@@ -136,6 +139,35 @@ impl Proj {
             Proj::Dense(l) => l.forward(x),
             Proj::Quant(l) => l.forward(x),
         }
+    }
+
+    /// Packs a quantization-aware projection's weights into `size`'s tally; a dense one stays.
+    fn freeze(&mut self, size: &mut PackedSize) -> Result<()> {
+        if let Proj::Quant(l) = self {
+            l.freeze()?;
+            size.add(l.packed())?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`Bart::freeze`] packed: the bytes the packed tensors hold (codes and per-row scales) and how
+/// many weights they stand for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackedSize {
+    pub bytes: usize,
+    pub weights: usize,
+}
+
+impl PackedSize {
+    /// Counts a frozen layer's packed weights and hands them back.
+    fn add<'a>(&mut self, packed: Option<&'a QTensor>) -> Result<&'a QTensor> {
+        let q = packed.ok_or_else(|| {
+            Error::Msg("Bart::freeze: a frozen layer holds no packed weights".into())
+        })?;
+        self.bytes += q.byte_size();
+        self.weights += q.rows() * q.cols();
+        Ok(q)
     }
 }
 
@@ -263,6 +295,13 @@ impl MultiHead {
             .reshape((b, tq, h))?;
         Ok((self.out.forward(&y)?, probs))
     }
+
+    fn freeze(&mut self, size: &mut PackedSize) -> Result<()> {
+        for p in [&mut self.q, &mut self.k, &mut self.v, &mut self.out] {
+            p.freeze(size)?;
+        }
+        Ok(())
+    }
 }
 
 struct EncoderLayer {
@@ -298,6 +337,11 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
     }
+
+    fn freeze(&mut self, size: &mut PackedSize) -> Result<()> {
+        self.fc1.freeze(size)?;
+        self.fc2.freeze(size)
+    }
 }
 
 /// Everything a forward pass computes that distillation compares between teacher and student.
@@ -328,6 +372,7 @@ pub struct Bart {
     decoder_embed_norm: LayerNorm,
     encoder: Vec<EncoderLayer>,
     decoder: Vec<DecoderLayer>,
+    frozen: bool,
 }
 
 impl Bart {
@@ -381,6 +426,7 @@ impl Bart {
             decoder,
             cfg,
             quant,
+            frozen: false,
         })
     }
 
@@ -388,22 +434,70 @@ impl Bart {
         &self.cfg
     }
 
-    /// The token embedding table as the model uses it (fake-quantized per row in a student).
-    fn table(&self) -> Result<Tensor> {
-        let w = self
-            .embed
-            .weight()
-            .ok_or_else(|| Error::Msg("Bart: the embedding table is packed".into()))?;
+    /// Packs a trained student for inference: every linear layer's q_w(W) (see
+    /// [`QuantLinear::freeze`]) and the quantized token table, whose rows are then looked up
+    /// dequantized and whose output projection runs the packed kernel on the decoder's full-precision
+    /// states, as the student computes its logits. The activation quantizers keep their trained steps;
+    /// those of q, k, v and the probabilities stay fake-quantized, since those matmuls have no weights to
+    /// pack. A frozen model runs under [`trit::no_grad`] only.
+    pub fn freeze(&mut self) -> Result<PackedSize> {
+        let Some(quant) = self.quant else {
+            trit::bail!(
+                "Bart::freeze",
+                "a full-precision model has no quantized weights to pack"
+            );
+        };
+        if self.frozen {
+            trit::bail!("Bart::freeze", "the model is already frozen");
+        }
+        let mut size = PackedSize::default();
+        for l in &mut self.encoder {
+            l.attn.freeze(&mut size)?;
+            l.mlp.freeze(&mut size)?;
+        }
+        for l in &mut self.decoder {
+            l.attn.freeze(&mut size)?;
+            l.cross.freeze(&mut size)?;
+            l.mlp.freeze(&mut size)?;
+        }
+        if let (Some(q), Some(w)) = (quant.embedding, self.embed.weight()) {
+            // A weight-only QuantLinear over the table packs it in the format its quantizer's codes fit.
+            let mut table = QuantLinear::from_weights(
+                w.clone(),
+                None,
+                None,
+                QuantLinearConfig {
+                    weight: q,
+                    act: ActQuant::None,
+                    bias: false,
+                },
+            )?;
+            table.freeze()?;
+            let store = ParamStore::new(0, trit::DType::F32, trit::Device::Cpu);
+            store.insert_packed("weight", size.add(table.packed())?.clone(), ActMode::F32);
+            self.embed =
+                Embedding::with_init(&store, self.cfg.vocab_size, self.cfg.hidden, Init::Zeros)?;
+        }
+        self.frozen = true;
+        Ok(size)
+    }
+
+    /// The token embedding table as the model uses it (fake-quantized per row in a student), or `None`
+    /// once [`Bart::freeze`] packed it: the [`Embedding`] then looks rows up and projects itself.
+    fn table(&self) -> Result<Option<Tensor>> {
+        let Some(w) = self.embed.weight() else {
+            return Ok(None);
+        };
         match self.quant.and_then(|q| q.embedding) {
-            Some(q) => q.fake_quant(w, Granularity::PerRow),
-            None => Ok(w.clone()),
+            Some(q) => q.fake_quant(w, Granularity::PerRow).map(Some),
+            None => Ok(Some(w.clone())),
         }
     }
 
     /// Token plus position embeddings of `ids [b, t]`, normalised.
     fn embed(
         &self,
-        table: &Tensor,
+        table: Option<&Tensor>,
         ids: &Tensor,
         positions: &Embedding,
         norm: &LayerNorm,
@@ -423,7 +517,11 @@ impl Bart {
             );
         }
         let pos = positions.forward(&Tensor::arange(0, t as i64, trit::Device::Cpu)?)?;
-        norm.forward(&table.embedding(ids)?.add(&pos)?)
+        let tokens = match table {
+            Some(t) => t.embedding(ids)?,
+            None => self.embed.forward(ids)?,
+        };
+        norm.forward(&tokens.add(&pos)?)
     }
 
     /// Runs the encoder over `source [b, s]` (with `source_mask [b, s]`, nonzero for real tokens).
@@ -457,7 +555,7 @@ impl Bart {
         .reshape((b, 1, 1, s))?;
         let table = self.table()?;
         let mut x = self.embed(
-            &table,
+            table.as_ref(),
             source,
             &self.encoder_positions,
             &self.encoder_embed_norm,
@@ -496,7 +594,7 @@ impl Bart {
             });
         }
         let mut y = self.embed(
-            &enc.table,
+            enc.table.as_ref(),
             target,
             &self.decoder_positions,
             &self.decoder_embed_norm,
@@ -513,12 +611,11 @@ impl Bart {
             self_attention.push(p);
             cross_attention.push(pc);
         }
-        Ok((
-            y.matmul(&enc.table.t()?)?,
-            hidden,
-            self_attention,
-            cross_attention,
-        ))
+        let logits = match &enc.table {
+            Some(t) => y.matmul(&t.t()?)?,
+            None => self.embed.unembed(&y)?,
+        };
+        Ok((logits, hidden, self_attention, cross_attention))
     }
 
     /// `source [b, s]` (with `source_mask [b, s]`, nonzero for real tokens) and the decoder input
@@ -589,7 +686,8 @@ impl Bart {
 pub struct Encoded {
     memory: Tensor,
     bias: Tensor,
-    table: Tensor,
+    /// `None` for a packed table (see [`Bart::table`]).
+    table: Option<Tensor>,
     hidden: Vec<Tensor>,
     attention: Vec<Tensor>,
 }
@@ -729,7 +827,8 @@ mod tests {
         let student_ps = ParamStore::new(4, DType::F32, Device::Cpu);
         let student = Bart::quantized(&student_ps, small(), BartQuant::tbt(2, 2, 2)?)?;
         init_student_from(&teacher_ps, &student_ps)?;
-        for row in &student.table()?.to_vec2_f32()? {
+        let table = student.table()?.expect("a dense table before freezing");
+        for row in &table.to_vec2_f32()? {
             let mut vals: Vec<f32> = row.clone();
             vals.sort_by(f32::total_cmp);
             vals.dedup();

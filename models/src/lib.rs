@@ -27,6 +27,8 @@
 //! - [`tbt`]: the TBT recipe's distillation objective (CE + soft CE + hidden-state and attention MSE).
 //! - [`seq2seq`]: byte-level encoder-decoder batches (BOS/EOS/PAD, shifted decoder inputs).
 //! - [`rouge`]: ROUGE-1/2/L between generated and reference texts (the TBT recipe's metric).
+//! - [`tbt_recipe`]: `trit recipe tbt`, the TBT paper's table end to end: the FP teacher, TBT and TWN/BWN
+//!   students at 2-2-8, 2-2-2, 1-1-8, 1-1-1, ROUGE, packed size and decoding speed.
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
 
@@ -54,5 +56,6 @@ pub mod qgpubench;
 pub mod rouge;
 pub mod seq2seq;
 pub mod tbt;
+pub mod tbt_recipe;
 pub mod tokenizer;
 pub mod wordnet;

@@ -32,6 +32,8 @@ Examples:
   trit generate --model m.gguf --device cuda --prompt \"Hi\"   ... on a GPU (build with --features cuda)
   trit chat --model m.gguf --kv int8     multi-turn chat on stdin, int8 KV cache
   trit perplexity --model m.gguf --file text.txt
+  trit recipe tbt --quick                the TBT paper's table on WordNet, a couple of minutes
+  trit recipe tbt --json                 the full run (under an hour on 2 cores), as JSON
 
 Run `trit <COMMAND> --help` for the flags of each command. With cargo, put them after `--`:
   cargo run --release -- demo --steps 100";
@@ -76,6 +78,9 @@ enum Command {
     /// Measure speed, next to a peer measured on the same machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Reproduce a paper's experiment end to end on trit and print its results table.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
     /// Continue a prompt with a Llama-architecture GGUF model (e.g. SmolLM2), streaming the text.
     Generate {
         #[command(flatten)]
@@ -125,6 +130,72 @@ enum Command {
         /// The texts; with none, each line of stdin is one.
         texts: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum RecipeCommand {
+    /// TBT (ternary and binary transformers, Liu et al. 2023) on WordNet 3.0 definition modelling.
+    ///
+    /// Trains a full-precision BART-style teacher, then distills TBT students at E-W-A 2-2-8, 2-2-2,
+    /// 1-1-8 and 1-1-1 and the TWN/BWN baselines at the same bits from it, and prints ROUGE-1/2/L on
+    /// test synsets (beam 4), each model's size with packed weights and its decoding tokens/s. Reads
+    /// WordNet from $TRIT_DATA/wordnet-3.0 (scripts/fetch-wordnet.sh puts it there).
+    Tbt(TbtArgs),
+}
+
+#[derive(Args)]
+struct TbtArgs {
+    /// A tiny model on 512 training pairs: a smoke run of a couple of minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Print the report as one JSON object (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Distillation steps of each student (default 300; 40 with --quick).
+    #[arg(long, value_name = "N")]
+    steps: Option<u64>,
+    /// Training steps of the teacher (default 2000; 600 with --quick).
+    #[arg(long, value_name = "N")]
+    teacher_steps: Option<u64>,
+    /// Test pairs to score (default 100; 16 with --quick).
+    #[arg(long, value_name = "N")]
+    eval: Option<usize>,
+    /// Seeds the weights and the order of the training batches.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The folder of WordNet's data.* files (default: $TRIT_DATA/wordnet-3.0).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+}
+
+fn run_recipe(cmd: &RecipeCommand) -> trit::Result<()> {
+    use trit_models::tbt_recipe::{default_wordnet_dir, run, Data, RecipeConfig};
+    let RecipeCommand::Tbt(args) = cmd;
+    let mut cfg = if args.quick {
+        RecipeConfig::quick()
+    } else {
+        RecipeConfig::full()
+    };
+    let custom = args.steps.is_some() || args.teacher_steps.is_some() || args.eval.is_some();
+    if custom {
+        cfg.name = format!("{}, custom", cfg.name);
+    }
+    cfg.student_steps = args.steps.unwrap_or(cfg.student_steps);
+    cfg.teacher_steps = args.teacher_steps.unwrap_or(cfg.teacher_steps);
+    cfg.eval_pairs = args.eval.unwrap_or(cfg.eval_pairs);
+    cfg.seed = args.seed;
+    cfg.progress = true;
+    let dir = match &args.data {
+        Some(dir) => dir.clone(),
+        None => default_wordnet_dir()?,
+    };
+    let report = run(&cfg, &Data::load(&dir, &cfg)?)?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -780,6 +851,7 @@ fn run(cli: &Cli) -> trit::Result<()> {
         Some(Command::Demo(args)) => run_train(args, None),
         Some(Command::Train { args, resume }) => run_train(args, resume.clone()),
         Some(Command::Bench(cmd)) => run_bench(cmd),
+        Some(Command::Recipe(cmd)) => run_recipe(cmd),
         Some(Command::Generate { args, prompt, chat }) => run_generate(args, prompt, *chat),
         Some(Command::Chat { args, system }) => run_chat(args, system.as_deref()),
         Some(Command::Perplexity {

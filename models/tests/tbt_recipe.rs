@@ -1,0 +1,171 @@
+//! `trit recipe tbt --quick` on the real WordNet data: every model learns (its training loss falls),
+//! the scores are ROUGE F-scores, the teacher decodes better than an untrained model, the packed
+//! students are smaller the fewer their bits, and a packed student computes the logits its
+//! fake-quantized self trained with.
+
+// The model tests' helpers live in the same module.
+#[allow(dead_code)]
+mod common;
+
+use std::sync::OnceLock;
+use trit::nn::ParamStore;
+use trit::{DType, Device};
+use trit_models::bart::Bart;
+use trit_models::seq2seq;
+use trit_models::tbt_recipe::{
+    evaluate, run, settings, train_student, Data, Method, RecipeConfig, Report,
+};
+
+fn data(cfg: &RecipeConfig) -> Data {
+    Data::load(&common::wordnet_dir(), cfg).expect("WordNet loads")
+}
+
+/// The quick recipe, run once for every test that reads its report.
+fn quick() -> &'static (Data, Report) {
+    static RUN: OnceLock<(Data, Report)> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let cfg = RecipeConfig::quick();
+        let data = data(&cfg);
+        let report = run(&cfg, &data).expect("the quick recipe runs");
+        eprintln!("{}", report.table());
+        (data, report)
+    })
+}
+
+#[test]
+fn every_model_learns_and_scores_in_range() {
+    let (_, report) = quick();
+    let students = settings().unwrap();
+    assert_eq!(report.rows.len(), 1 + students.len());
+    assert_eq!(report.rows[0].method, Method::FullPrecision);
+    for (row, s) in report.rows[1..].iter().zip(&students) {
+        assert_eq!((row.setting.as_str(), row.method), (&*s.label(), s.method));
+    }
+    for r in &report.rows {
+        let what = format!("{} {}", r.method, r.setting);
+        let (first, last) = r.train.first_last();
+        assert!(
+            last < first,
+            "{what}: training loss {first} -> {last} did not fall"
+        );
+        for score in [
+            r.eval.rouge.rouge1,
+            r.eval.rouge.rouge2,
+            r.eval.rouge.rouge_l,
+        ] {
+            for v in [score.precision, score.recall, score.f1] {
+                assert!((0.0..=1.0).contains(&v), "{what}: ROUGE {v}");
+            }
+        }
+        assert!(r.eval.tokens > 0 && r.eval.tokens_per_second().is_finite());
+    }
+    // The teacher learns the task well beyond its first steps, not just the byte frequencies.
+    let (first, last) = report.rows[0].train.first_last();
+    assert!(last < 0.75 * first, "teacher loss {first} -> {last}");
+}
+
+#[test]
+fn the_teacher_decodes_better_than_an_untrained_model() {
+    let (data, report) = quick();
+    let cfg = RecipeConfig::quick();
+    let untrained = Bart::new(
+        &ParamStore::new(cfg.seed, DType::F32, Device::Cpu),
+        cfg.model,
+    )
+    .unwrap();
+    let floor = evaluate(&cfg, &untrained, &data.eval, "untrained").unwrap();
+    let teacher = report.rows[0].eval.rouge.rouge_l.f1;
+    assert!(
+        teacher > floor.rouge.rouge_l.f1,
+        "teacher ROUGE-L {teacher} vs untrained {}",
+        floor.rouge.rouge_l.f1
+    );
+}
+
+#[test]
+fn fewer_bits_pack_smaller() {
+    let (_, report) = quick();
+    let bytes = |bits: &str| {
+        let rows: Vec<_> = report
+            .rows
+            .iter()
+            .filter(|r| r.setting.starts_with(bits))
+            .collect();
+        // TBT and its baseline pack the same tensors in the same formats.
+        assert!(rows
+            .windows(2)
+            .all(|w| w[0].packed_bytes == w[1].packed_bytes));
+        rows.iter().map(|r| r.bytes()).max().unwrap()
+    };
+    let fp = &report.rows[0];
+    assert_eq!((fp.packed_bytes, fp.f32_bytes), (0, 4 * report.parameters));
+    let (two, one) = (bytes("2-2-"), bytes("1-1-"));
+    assert!(
+        one < two && two < fp.bytes(),
+        "1-bit {one}, 2-bit {two}, FP {}",
+        fp.bytes()
+    );
+    // Packing the weights at 2 bits leaves well under a third of the f32 model.
+    assert!(3 * two < fp.bytes());
+}
+
+/// The "quantized model forward equals the packed inference path" check: a briefly distilled student
+/// of every setting gives the same logits fake-quantized (as it trained) and frozen into packed weights.
+#[test]
+fn packed_students_compute_their_fake_quantized_logits() {
+    let cfg = RecipeConfig {
+        student_steps: 3,
+        batch: 4,
+        ..RecipeConfig::quick()
+    };
+    let data = data(&RecipeConfig {
+        train_pairs: Some(64),
+        ..cfg.clone()
+    });
+    let teacher_params = ParamStore::new(7, DType::F32, Device::Cpu);
+    let teacher = Bart::new(&teacher_params, cfg.model).unwrap();
+    assert!(
+        Bart::new(&ParamStore::new(0, DType::F32, Device::Cpu), cfg.model)
+            .unwrap()
+            .freeze()
+            .is_err()
+    );
+    let b = seq2seq::batch(&data.eval[..4], cfg.max_source, cfg.max_target, Device::Cpu).unwrap();
+    for setting in settings().unwrap() {
+        let (_, mut student, _) =
+            train_student(&cfg, &data, &teacher_params, &teacher, &setting).unwrap();
+        let _no_grad = trit::no_grad();
+        let logits = |m: &Bart| {
+            m.forward(&b.source, &b.source_mask, &b.decoder_input)
+                .unwrap()
+                .logits
+                .to_vec_f32()
+        };
+        let fake = logits(&student);
+        let packed = student.freeze().unwrap();
+        assert!(packed.bytes > 0 && packed.weights > 0);
+        assert!(
+            student.freeze().is_err(),
+            "a second freeze packs nothing new"
+        );
+        let frozen = logits(&student);
+        let scale = fake.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diffs: Vec<f32> = fake
+            .iter()
+            .zip(&frozen)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let worst = diffs.iter().fold(0f32, |m, &d| m.max(d));
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        // The packed kernels sum in another order: a few ulps, except that 8-bit per-tensor inputs have
+        // so many levels that such a difference can move a value across a rounding boundary now and
+        // then, one 8-bit step (1/127 of the range) that later layers carry to the logits.
+        let bound = if setting.bits[2] == 8 { 1e-3 } else { 1e-5 };
+        assert!(
+            worst <= bound * scale && mean <= 1e-5 * scale,
+            "{} {}: packed logits differ by up to {worst}, {mean} on average (max |logit| {scale})",
+            setting.method,
+            setting.label()
+        );
+    }
+}
