@@ -72,6 +72,23 @@ pub struct FlashShape {
     pub head_dim: usize,
 }
 
+impl FlashShape {
+    /// q's (and o's) dims: [batch, sq, heads, head_dim].
+    pub fn q_dims(&self) -> [usize; 4] {
+        [self.batch, self.sq, self.heads, self.head_dim]
+    }
+
+    /// k's and v's dims: [batch, sk, kv_heads, head_dim].
+    pub fn kv_dims(&self) -> [usize; 4] {
+        [self.batch, self.sk, self.kv_heads, self.head_dim]
+    }
+
+    /// Rows of the log-sum-exp: batch · heads · sq.
+    fn lse_len(&self) -> usize {
+        self.batch * self.heads * self.sq
+    }
+}
+
 /// Whether the kernels take inputs of `dtype` with heads of `head_dim`.
 pub fn supports(dtype: DType, head_dim: usize) -> bool {
     matches!(dtype, DType::F16 | DType::BF16) && matches!(head_dim, 64 | 128)
@@ -294,15 +311,8 @@ pub fn forward(
     scale: f32,
 ) -> Result<(CudaStorage, CudaStorage)> {
     const OP: &str = "flash_attention";
-    let FlashShape {
-        batch,
-        sq,
-        sk,
-        heads,
-        kv_heads,
-        head_dim: d,
-    } = shape;
-    let (qd, kd) = ([batch, sq, heads, d], [batch, sk, kv_heads, d]);
+    let (qd, kd) = (shape.q_dims(), shape.kv_dims());
+    let [batch, sq, heads, d] = qd;
     let (mut p, variant) = check(
         OP,
         shape,
@@ -311,18 +321,18 @@ pub fn forward(
         scale,
     )?;
     let dev = q.0.device();
-    let o = CudaStorage::uninit(dev, q.0.dtype(), batch * sq * heads * d)?;
-    let lse = CudaStorage::uninit(dev, DType::F32, batch * heads * sq)?;
+    let o = CudaStorage::uninit(dev, q.0.dtype(), qd.iter().product())?;
+    let lse = CudaStorage::uninit(dev, DType::F32, shape.lse_len())?;
     if o.is_empty() {
         return Ok((o, lse));
     }
     let (_q, qp) = operand(OP, q.0, q.1)?;
-    let (_k, kp) = if sk == 0 {
+    let (_k, kp) = if shape.sk == 0 {
         (o.clone(), o.ptr())
     } else {
         operand(OP, k.0, k.1)?
     };
-    let (_v, vp) = if sk == 0 {
+    let (_v, vp) = if shape.sk == 0 {
         (o.clone(), o.ptr())
     } else {
         operand(OP, v.0, v.1)?
@@ -374,15 +384,8 @@ pub fn backward(
     scale: f32,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
     const OP: &str = "flash_attention backward";
-    let FlashShape {
-        batch,
-        sq,
-        sk,
-        heads,
-        kv_heads,
-        head_dim: d,
-    } = shape;
-    let (qd, kd) = ([batch, sq, heads, d], [batch, sk, kv_heads, d]);
+    let (qd, kd) = (shape.q_dims(), shape.kv_dims());
+    let [_, sk, kv_heads, _] = kd;
     let (mut p, variant) = check(
         OP,
         shape,
@@ -396,7 +399,7 @@ pub fn backward(
         mask,
         scale,
     )?;
-    if lse.dtype() != DType::F32 || lse.len() != batch * heads * sq {
+    if lse.dtype() != DType::F32 || lse.len() != shape.lse_len() {
         crate::bail!(
             OP,
             "lse must be the forward's f32 [batch, heads, q_len], got {} {:?} elements",
@@ -406,15 +409,15 @@ pub fn backward(
     }
     let dev = q.0.device();
     let dtype = q.0.dtype();
-    let dq = CudaStorage::uninit(dev, dtype, batch * sq * heads * d)?;
-    let dk = CudaStorage::uninit(dev, dtype, batch * sk * kv_heads * d)?;
-    let dv = CudaStorage::uninit(dev, dtype, batch * sk * kv_heads * d)?;
+    let dq = CudaStorage::uninit(dev, dtype, qd.iter().product())?;
+    let dk = CudaStorage::uninit(dev, dtype, kd.iter().product())?;
+    let dv = CudaStorage::uninit(dev, dtype, kd.iter().product())?;
     if dq.is_empty() || dk.is_empty() {
         // No query sees a key: every gradient is zero.
         let zeros = |n| CudaStorage::zeros(dev, dtype, n);
         return Ok((zeros(dq.len())?, zeros(dk.len())?, zeros(dv.len())?));
     }
-    let delta = CudaStorage::uninit(dev, DType::F32, batch * heads * sq)?;
+    let delta = CudaStorage::uninit(dev, DType::F32, shape.lse_len())?;
     let dq_acc = CudaStorage::uninit(dev, DType::F32, dq.len())?;
     let views = [q, k, v, o, dout].map(|(s, l)| operand(OP, s, l));
     let [q_, k_, v_, o_, do_] = views;
@@ -432,7 +435,7 @@ pub fn backward(
     p.dk = dk.ptr();
     p.dv = dv.ptr();
     let pick = |names: [&'static str; 4]| names[variant];
-    let rows = batch * sq * heads;
+    let rows = shape.lse_len();
     launch(
         dev,
         OP,
@@ -460,7 +463,10 @@ pub fn backward(
                 "flash_bwd_bf16_d128",
             ]),
         ),
-        config((sk.div_ceil(BWD_KEYS), kv_heads, batch), bwd_smem(d)),
+        config(
+            (sk.div_ceil(BWD_KEYS), kv_heads, shape.batch),
+            bwd_smem(shape.head_dim),
+        ),
         &[Arg::Flash(p)],
     )?;
     launch(
