@@ -6,11 +6,12 @@
 //! differentiable).
 
 use super::kv_cache::KvCache;
-use super::linear::Linear;
+use super::linear::{FakeQuant, Linear};
 use super::params::{Init, ParamStore};
 use crate::error::{Error, Result};
 use crate::ops::attention::AttentionOptions;
 use crate::ops::rope::RopeTable;
+use crate::quant::quantizers::{Granularity, Quantizer};
 use crate::tensor::Tensor;
 
 /// Sizes and initialisation of an attention layer.
@@ -86,6 +87,8 @@ pub struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Fake quantization of the keys and values (quantization-aware training).
+    kv_quant: Option<Quantizer>,
 }
 
 impl Attention {
@@ -107,7 +110,30 @@ impl Attention {
             heads: cfg.heads,
             kv_heads: cfg.kv_heads,
             head_dim: cfg.head_dim,
+            kv_quant: None,
         })
+    }
+
+    /// Quantization-aware training: the four projections fake-quantize as `linear` says, and `kv`
+    /// fake-quantizes each token's key and value projections over all kv heads at once, before RoPE
+    /// (LLM-QAT's KV cache quantizer). Applies to the training forward and to cached decoding alike.
+    pub fn set_fake_quant(&mut self, linear: FakeQuant, kv: Option<Quantizer>) -> Result<()> {
+        if let Some(q) = kv {
+            q.check()?;
+        }
+        for l in [&mut self.q, &mut self.k, &mut self.v, &mut self.o] {
+            l.set_fake_quant(linear)?;
+        }
+        self.kv_quant = kv;
+        Ok(())
+    }
+
+    /// A key or value projection's output [.., kv_heads·d] as the cache would hold it.
+    fn quantize_kv(&self, t: Tensor) -> Result<Tensor> {
+        match self.kv_quant {
+            Some(q) => q.fake_quant(&t, Granularity::PerRow),
+            None => Ok(t),
+        }
     }
 
     /// `x [batch, seq, hidden] -> [batch, seq, hidden]`. With `causal`, position t attends to 0..=t only.
@@ -136,8 +162,12 @@ impl Attention {
         }
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let q = self.q.forward(x)?.reshape((b, s, h, d))?;
-        let k = self.k.forward(x)?.reshape((b, s, kvh, d))?;
-        let v = self.v.forward(x)?.reshape((b, s, kvh, d))?;
+        let k = self
+            .quantize_kv(self.k.forward(x)?)?
+            .reshape((b, s, kvh, d))?;
+        let v = self
+            .quantize_kv(self.v.forward(x)?)?
+            .reshape((b, s, kvh, d))?;
         let out = q.flash_attention(&k, &v, opts)?.reshape((b, s, h * d))?;
         self.o.forward(&out)
     }
@@ -187,8 +217,8 @@ impl Attention {
             .try_into()
             .map_err(|_| Error::Msg("Attention: three projections give three outputs".into()))?;
         let q = split_heads(q, h)?;
-        let k = split_heads(k, kvh)?;
-        let v = split_heads(v, kvh)?;
+        let k = split_heads(self.quantize_kv(k)?, kvh)?;
+        let v = split_heads(self.quantize_kv(v)?, kvh)?;
         let (q, k) = match rope {
             Some(table) => {
                 let start = cache.len() as i64;
@@ -239,23 +269,40 @@ mod tests {
         }
     }
 
-    /// Naive per-head attention in f64 straight from the definitions.
+    /// LLM-QAT's symmetric `bits` fake quantizer on each row of `n` in f64: round-half-even of
+    /// x·s over s, s = (2^(bits−1) − 1)/(max|x| + 1e−6).
+    fn quantize_rows(m: &mut [f64], n: usize, bits: u32) {
+        let qmax = ((1u32 << (bits - 1)) - 1) as f64;
+        for row in m.chunks_mut(n) {
+            let s = qmax / (row.iter().fold(0f64, |a, v| a.max(v.abs())) + 1e-6);
+            row.iter_mut()
+                .for_each(|v| *v = (*v * s).round_ties_even() / s);
+        }
+    }
+
+    /// Naive per-head attention in f64 straight from the definitions, with the keys and values
+    /// fake-quantized per token before RoPE when `kv_bits` is given.
     fn reference(
         ps: &ParamStore,
         x: &Tensor,
         (h, kvh, d): (usize, usize, usize),
         causal: bool,
+        kv_bits: Option<u32>,
     ) -> Vec<f64> {
         let &[b, s, hidden] = x.dims() else {
             unreachable!()
         };
         let w = |n: &str| f64s(&ps.get(&format!("{n}_proj.weight")).unwrap());
         let xv = f64s(x);
-        let (q, k, v) = (
+        let (q, mut k, mut v) = (
             lin(&xv, &w("q"), hidden),
             lin(&xv, &w("k"), hidden),
             lin(&xv, &w("v"), hidden),
         );
+        if let Some(bits) = kv_bits {
+            quantize_rows(&mut k, kvh * d, bits);
+            quantize_rows(&mut v, kvh * d, bits);
+        }
         let mut out = vec![0f64; b * s * h * d];
         for bi in 0..b {
             for hi in 0..h {
@@ -314,7 +361,7 @@ mod tests {
             };
             let y = attn.forward(&x, Some(rotary), causal)?;
             assert_eq!(y.dims(), [2, 5, 16]);
-            let want = reference(&ps, &x, (h, kvh, 16 / h), causal);
+            let want = reference(&ps, &x, (h, kvh, 16 / h), causal, None);
             for (g, w) in y.to_vec_f32().iter().zip(&want) {
                 assert!(
                     (*g as f64 - w).abs() < 1e-4,
@@ -322,6 +369,51 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fake_quantized_keys_and_values_match_the_reference_in_both_paths() -> Result<()> {
+        let (ps, mut attn, table) = setup(4, 2, 21)?;
+        let x = Tensor::randn((1, 6, 16), 0.0, 1.0, &mut Rng::new(22), Device::Cpu)?;
+        let pos = Tensor::arange(0, 6, Device::Cpu)?;
+        let rotary = || Rotary {
+            table: &table,
+            positions: &pos,
+        };
+        let plain = attn.forward(&x, Some(rotary()), true)?.to_vec_f32();
+        let kv = Some(Quantizer::LlmQat {
+            bits: 3,
+            symmetric: true,
+        });
+        attn.set_fake_quant(FakeQuant::default(), kv)?;
+        let y = attn.forward(&x, Some(rotary()), true)?.to_vec_f32();
+        let want = reference(&ps, &x, (4, 2, 4), true, Some(3));
+        let plain_want = reference(&ps, &x, (4, 2, 4), true, None);
+        for ((g, w), p) in y.iter().zip(&want).zip(&plain_want) {
+            assert!((*g as f64 - w).abs() < 1e-4, "{g} vs {w}");
+            assert!((*g as f64 - p).abs() > 0.0);
+        }
+        assert!(plain
+            .iter()
+            .zip(&plain_want)
+            .all(|(g, w)| (*g as f64 - w).abs() < 1e-4));
+        // Cached decoding, one token at a time, quantizes the same keys and values.
+        let _no_grad = crate::tensor::no_grad();
+        let mut cache = KvCache::new(1, 2, 4, crate::nn::kv_cache::KvFormat::F32)?;
+        for t in 0..6 {
+            let step = attn.forward_cached(&x.narrow(1, t, 1)?, Some(&table), &mut cache)?;
+            for (j, g) in step.to_vec_f32().iter().enumerate() {
+                let w = want[t * 16 + j];
+                assert!((*g as f64 - w).abs() < 1e-4, "token {t}: {g} vs {w}");
+            }
+        }
+        // Out-of-range bits are refused.
+        let bad = Some(Quantizer::LlmQat {
+            bits: 1,
+            symmetric: true,
+        });
+        assert!(attn.set_fake_quant(FakeQuant::default(), bad).is_err());
         Ok(())
     }
 

@@ -2,12 +2,14 @@
 
 use super::attention::{Attention, AttentionConfig, Rotary};
 use super::kv_cache::KvCache;
+use super::linear::FakeQuant;
 use super::mlp::{Mlp, MlpConfig};
 use super::norm::{Norm, NormKind};
 use super::params::ParamStore;
 use crate::error::Result;
 use crate::ops::attention::AttentionOptions;
 use crate::ops::rope::RopeTable;
+use crate::quant::quantizers::Quantizer;
 use crate::tensor::Tensor;
 
 /// Everything that shapes one block.
@@ -17,6 +19,25 @@ pub struct BlockConfig {
     pub mlp: MlpConfig,
     pub norm: NormKind,
     pub norm_eps: f32,
+}
+
+/// What quantization-aware training fakes in a block: every linear layer as `linear` says, and the
+/// attention's keys and values per token, before RoPE, with `kv` (LLM-QAT's W-A-KV settings).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockQuant {
+    pub linear: FakeQuant,
+    pub kv: Option<Quantizer>,
+}
+
+impl BlockQuant {
+    /// LLM-QAT's W`w`-A`a`-KV`kv` with its symmetric quantizers; `None` or 16 bits keeps that part in
+    /// full precision.
+    pub fn llm_qat(w: Option<u32>, a: Option<u32>, kv: Option<u32>) -> Self {
+        BlockQuant {
+            linear: FakeQuant::llm_qat(w, a),
+            kv: super::linear::llm_qat_quantizer(kv),
+        }
+    }
 }
 
 /// One decoder layer. Parameters (Hugging Face Llama names): `input_layernorm`, `self_attn`,
@@ -55,6 +76,12 @@ impl DecoderBlock {
             )?,
             mlp: Mlp::new(&params.pp("mlp"), &cfg.mlp)?,
         })
+    }
+
+    /// Trains and runs the block with fake quantization as `q` says (`BlockQuant::default()`: none).
+    pub fn set_fake_quant(&mut self, q: BlockQuant) -> Result<()> {
+        self.attn.set_fake_quant(q.linear, q.kv)?;
+        self.mlp.set_fake_quant(q.linear)
     }
 
     /// `x [batch, seq, hidden] -> [batch, seq, hidden]`.

@@ -1,12 +1,14 @@
 //! Fully connected layer: y = x·Wᵀ + b with W stored [out, in] as PyTorch does, so checkpoints from other
 //! frameworks load without transposing. The weight is either a dense parameter or a frozen packed
-//! [`QTensor`] (see [`ParamStore::insert_packed`]), which runs the packed low-bit kernels.
+//! [`QTensor`] (see [`ParamStore::insert_packed`]), which runs the packed low-bit kernels. A dense layer
+//! can also train with quantization in the loop ([`FakeQuant`], LLM-QAT's recipe).
 
 use std::sync::Arc;
 
 use super::params::{Init, PackedParam, ParamStore};
 use crate::cpu::qmatmul::ActMode;
 use crate::error::{Error, Result};
+use crate::quant::quantizers::{Granularity, Quantizer};
 use crate::quant::QTensor;
 use crate::tensor::{grad_enabled, Tensor};
 
@@ -26,11 +28,44 @@ pub(crate) fn cast_like(p: &Tensor, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Quantization-aware training of a dense layer: its forward computes q_in(x)·q_w(W)ᵀ + b, the weight
+/// quantized per output channel and the input per token (per row of its last dim), and the quantizers'
+/// straight-through gradients reach W and x. The default quantizes nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FakeQuant {
+    pub weight: Option<Quantizer>,
+    pub input: Option<Quantizer>,
+}
+
+impl FakeQuant {
+    /// LLM-QAT's W`w_bits`-A`a_bits`: symmetric int-N weights per channel and activations per token
+    /// (papers.md §2). `None`, or 16 bits and more, keeps that side in full precision.
+    pub fn llm_qat(w_bits: Option<u32>, a_bits: Option<u32>) -> Self {
+        FakeQuant {
+            weight: llm_qat_quantizer(w_bits),
+            input: llm_qat_quantizer(a_bits),
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.weight.is_none() && self.input.is_none()
+    }
+}
+
+/// LLM-QAT's symmetric quantizer at `bits`, or none for full precision (no bits, or 16 and more).
+pub fn llm_qat_quantizer(bits: Option<u32>) -> Option<Quantizer> {
+    bits.filter(|&b| b < 16).map(|bits| Quantizer::LlmQat {
+        bits,
+        symmetric: true,
+    })
+}
+
 /// A linear map with an optional bias. Parameters: `weight` [out, in] and, with a bias, `bias` [out].
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    fake: FakeQuant,
 }
 
 /// y = x·Ŵᵀ through the packed kernels for `x` [rows, in], activations in `p.act` form. An inference
@@ -92,7 +127,11 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            fake: FakeQuant::default(),
+        })
     }
 
     /// A layer over existing tensors (weight [out, in], bias [out]).
@@ -116,6 +155,7 @@ impl Linear {
         Ok(Linear {
             weight: Weight::Dense(weight),
             bias,
+            fake: FakeQuant::default(),
         })
     }
 
@@ -134,7 +174,31 @@ impl Linear {
             weights: Arc::new(weights),
             act,
         });
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            fake: FakeQuant::default(),
+        })
+    }
+
+    /// Trains (and runs) the layer with fake quantization as `fake` says; `FakeQuant::default()` turns
+    /// it off. A packed layer is already quantized and refuses.
+    pub fn set_fake_quant(&mut self, fake: FakeQuant) -> Result<()> {
+        if matches!(self.weight, Weight::Packed(_)) && !fake.is_none() {
+            crate::bail!(
+                "Linear::set_fake_quant",
+                "the weight is packed (frozen); fake quantization needs dense weights"
+            );
+        }
+        for q in [fake.weight, fake.input].into_iter().flatten() {
+            q.check()?;
+        }
+        self.fake = fake;
+        Ok(())
+    }
+
+    pub fn fake_quant(&self) -> FakeQuant {
+        self.fake
     }
 
     /// The dense weight [out, in]; `None` for a packed layer.
@@ -222,9 +286,18 @@ impl Linear {
         // One [rows, in] × [in, out] GEMM over all leading dims keeps the kernel's blocks full; Wᵀ is a
         // strided view, never a copy.
         let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, in_dim))?;
+        let mut x2 = x.reshape((rows, in_dim))?;
+        if let Some(q) = self.fake.input {
+            x2 = q.fake_quant(&x2, Granularity::PerRow)?;
+        }
         let y = match &self.weight {
-            Weight::Dense(w) => x2.matmul(&cast_like(w, x)?.t()?)?,
+            Weight::Dense(w) => {
+                let w = match self.fake.weight {
+                    Some(q) => q.fake_quant(w, Granularity::PerRow)?,
+                    None => w.clone(),
+                };
+                x2.matmul(&cast_like(&w, x)?.t()?)?
+            }
             Weight::Packed(p) => packed_forward("Linear::forward", p, &x2)?,
         };
         let y = match &self.bias {
@@ -277,6 +350,74 @@ mod tests {
         Ok(())
     }
 
+    /// LLM-QAT's symmetric fake quantizer on each row of `n`, in f64.
+    fn quantize_rows(m: &[f32], n: usize, bits: u32) -> Vec<f32> {
+        let qmax = ((1u32 << (bits - 1)) - 1) as f64;
+        m.chunks(n)
+            .flat_map(|row| {
+                let s = qmax / (row.iter().fold(0f64, |a, &v| a.max(v.abs() as f64)) + 1e-6);
+                row.iter()
+                    .map(move |&v| ((v as f64 * s).round_ties_even() / s) as f32)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fake_quant_multiplies_quantized_inputs_by_quantized_weights() -> Result<()> {
+        let ps = ParamStore::new(3, DType::F32, Device::Cpu);
+        let mut lin = Linear::new(&ps.pp("fc"), 7, 5, true)?;
+        lin.set_fake_quant(FakeQuant::llm_qat(Some(4), Some(8)))?;
+        let x = Tensor::randn((2, 3, 7), 0.0, 1.0, &mut Rng::new(4), Device::Cpu)?.var()?;
+        let y = lin.forward(&x)?;
+        let w = lin.weight().unwrap().to_vec_f32();
+        let (wq, xq) = (
+            quantize_rows(&w, 7, 4),
+            quantize_rows(&x.to_vec_f32(), 7, 8),
+        );
+        let want = naive(&xq, &wq, Some(&lin.bias().unwrap().to_vec_f32()), 6, 7, 5);
+        for (g, w) in y.to_vec_f32().iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        // Straight through: d(sum y)/dW[j, k] = Σ_rows q(x)[r, k] (every |w| < 2), and
+        // d(sum y)/dx[r, k] = Σ_j q(W)[j, k] where |x| < 2, zero elsewhere.
+        let g = y.sum_all()?.backward()?;
+        let gw = g.get(lin.weight().unwrap()).unwrap().to_vec_f32();
+        for j in 0..5 {
+            for k in 0..7 {
+                let want: f32 = (0..6).map(|r| xq[r * 7 + k]).sum();
+                assert!((gw[j * 7 + k] - want).abs() < 1e-5);
+            }
+        }
+        let gx = g.get(&x).unwrap().to_vec_f32();
+        for (i, xv) in x.to_vec_f32().iter().enumerate() {
+            let k = i % 7;
+            let want: f32 = if xv.abs() < 2.0 {
+                (0..5).map(|j| wq[j * 7 + k]).sum()
+            } else {
+                0.0
+            };
+            assert!((gx[i] - want).abs() < 1e-5, "x {xv}: {} vs {want}", gx[i]);
+        }
+        // Off again: the plain product.
+        lin.set_fake_quant(FakeQuant::default())?;
+        let plain = naive(
+            &x.to_vec_f32(),
+            &w,
+            Some(&lin.bias().unwrap().to_vec_f32()),
+            6,
+            7,
+            5,
+        );
+        for (g, w) in lin.forward(&x)?.to_vec_f32().iter().zip(&plain) {
+            assert!((*g as f64 - w).abs() < 1e-5);
+        }
+        assert!(lin
+            .set_fake_quant(FakeQuant::llm_qat(Some(1), None))
+            .is_err());
+        assert_eq!(lin.fake_quant(), FakeQuant::default());
+        Ok(())
+    }
+
     #[test]
     fn without_bias_and_gradients() -> Result<()> {
         let w = Tensor::from_vec(vec![1f32, 2., 3., 4., 5., 6.], (2, 3), Device::Cpu)?.var()?;
@@ -325,6 +466,10 @@ mod tests {
         }
         // A packed layer passes no gradient: an input that carries one is refused, not cut.
         let xv = x.var()?;
+        let mut fake = a.clone();
+        assert!(fake
+            .set_fake_quant(FakeQuant::llm_qat(Some(4), None))
+            .is_err());
         let err = a.forward(&xv).unwrap_err().to_string();
         assert!(err.contains("no_grad"), "{err}");
         let _ng = crate::tensor::no_grad();

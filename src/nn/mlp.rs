@@ -1,6 +1,6 @@
 //! Transformer feed-forward blocks: SwiGLU (Llama) and GELU (GPT-2, BERT).
 
-use super::linear::Linear;
+use super::linear::{FakeQuant, Linear};
 use super::params::{Init, ParamStore};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -59,6 +59,14 @@ impl SwiGluMlp {
             .map_err(|_| Error::Msg("SwiGluMlp: two projections give two outputs".into()))?;
         self.down.forward(&gate.silu()?.mul(&up)?)
     }
+
+    /// Fake quantization of the three projections (quantization-aware training).
+    pub fn set_fake_quant(&mut self, fake: FakeQuant) -> Result<()> {
+        for l in [&mut self.gate, &mut self.up, &mut self.down] {
+            l.set_fake_quant(fake)?;
+        }
+        Ok(())
+    }
 }
 
 /// GELU feed-forward. Parameters: `fc1` [ffn, hidden] and `fc2` [hidden, ffn], both with biases.
@@ -79,6 +87,12 @@ impl GeluMlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+    }
+
+    /// Fake quantization of both projections (quantization-aware training).
+    pub fn set_fake_quant(&mut self, fake: FakeQuant) -> Result<()> {
+        self.fc1.set_fake_quant(fake)?;
+        self.fc2.set_fake_quant(fake)
     }
 }
 
@@ -101,6 +115,14 @@ impl Mlp {
         match self {
             Mlp::SwiGlu(m) => m.forward(x),
             Mlp::Gelu(m) => m.forward(x),
+        }
+    }
+
+    /// Fake quantization of every projection (quantization-aware training).
+    pub fn set_fake_quant(&mut self, fake: FakeQuant) -> Result<()> {
+        match self {
+            Mlp::SwiGlu(m) => m.set_fake_quant(fake),
+            Mlp::Gelu(m) => m.set_fake_quant(fake),
         }
     }
 }

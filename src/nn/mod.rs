@@ -13,10 +13,10 @@ pub mod params;
 pub mod quant_linear;
 
 pub use attention::{Attention, AttentionConfig, Rotary};
-pub use block::{BlockConfig, DecoderBlock};
+pub use block::{BlockConfig, BlockQuant, DecoderBlock};
 pub use embedding::Embedding;
 pub use kv_cache::{KvCache, KvFormat};
-pub use linear::Linear;
+pub use linear::{FakeQuant, Linear};
 pub use mlp::{GeluMlp, Mlp, MlpConfig, MlpKind, SwiGluMlp};
 pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
 pub use packing::{pack, PackedBatch, IGNORE_INDEX};

@@ -96,7 +96,7 @@ impl Quantizer {
         }
     }
 
-    fn check(self) -> Result<()> {
+    pub(crate) fn check(self) -> Result<()> {
         if let Quantizer::LlmQat { bits, .. } | Quantizer::MinMax { bits, .. } = self {
             if !(2..=8).contains(&bits) {
                 crate::bail!(self.name(), "bits must be in 2..=8, got {bits}");
