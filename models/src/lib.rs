@@ -50,6 +50,7 @@ pub mod inspect;
 pub mod llama;
 pub mod llama_gguf;
 pub mod llm;
+pub mod llm_qat_recipe;
 pub mod qbench;
 #[cfg(feature = "cuda")]
 pub mod qgpubench;

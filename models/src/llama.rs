@@ -14,8 +14,8 @@ use std::fmt;
 use trit::nn::kv_cache::{KvCache, KvFormat};
 use trit::nn::packing::{positions_from_segments, IGNORE_INDEX};
 use trit::nn::{
-    AttentionConfig, BlockConfig, DecoderBlock, Embedding, Init, Linear, MlpConfig, MlpKind,
-    NormKind, ParamStore, RmsNorm, Rotary,
+    AttentionConfig, BlockConfig, BlockQuant, DecoderBlock, Embedding, Init, Linear, MlpConfig,
+    MlpKind, NormKind, ParamStore, RmsNorm, Rotary,
 };
 use trit::ops::attention::AttentionOptions;
 use trit::ops::rope::{RopeStyle, RopeTable};
@@ -256,6 +256,15 @@ impl Llama {
         &self.cfg
     }
 
+    /// Quantization-aware training (LLM-QAT): every block's linear layers and keys/values fake-quantize
+    /// as `q` says, in training, in [`Llama::forward`] and in cached decoding; the embedding, the final
+    /// norm and the output projection stay in full precision. `BlockQuant::default()` turns it off.
+    pub fn set_fake_quant(&mut self, q: BlockQuant) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|layer| layer.set_fake_quant(q))
+    }
+
     /// `ids [batch, seq]` (integers below vocab_size, seq ≤ max_seq) -> logits `[batch, seq, vocab]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.forward_impl(ids, None)
@@ -433,6 +442,37 @@ impl Llama {
             .reshape((rows, self.cfg.vocab_size))?
             .to_dtype(DType::F32)?
             .cross_entropy(&targets.flatten_all()?, ignore)
+    }
+
+    /// Perplexity on the tokens `ids`: they are cut into windows of `ctx` (at most max_seq), each run
+    /// from scratch, and every token after a window's first is scored by its NLL given the window
+    /// before it (log-softmax in f64). Returns (perplexity, tokens scored).
+    pub fn perplexity(&self, ids: &[u32], ctx: usize) -> Result<(f64, usize)> {
+        let ctx = ctx.min(self.cfg.max_seq);
+        if ctx < 2 || ids.len() < 2 {
+            trit::bail!(
+                "Llama::perplexity",
+                "needs at least 2 tokens and a window of 2; got {} tokens, window {ctx}",
+                ids.len()
+            );
+        }
+        let _no_grad = trit::no_grad();
+        let (mut total, mut scored) = (0f64, 0usize);
+        for window in ids.chunks(ctx).filter(|w| w.len() >= 2) {
+            let input: Vec<i32> = window.iter().map(|&t| t as i32).collect();
+            let n = input.len();
+            let logits = self
+                .forward(&Tensor::from_vec(input, (1, n), self.device)?)?
+                .try_to_vec_f32()?;
+            let vocab = logits.len() / n;
+            for (t, row) in logits.chunks_exact(vocab).take(n - 1).enumerate() {
+                let m = row.iter().fold(f64::MIN, |a, &x| a.max(x as f64));
+                let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                total += m + z.ln() - row[window[t + 1] as usize] as f64;
+                scored += 1;
+            }
+        }
+        Ok(((total / scored as f64).exp(), scored))
     }
 
     /// Continues `prompt` by `n` tokens and returns the new ones. Temperature 0 picks the most likely token

