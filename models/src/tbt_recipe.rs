@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use trit::nn::ParamStore;
 use trit::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer};
 use trit::quant::quantizers::Quantizer;
-use trit::{DType, Device, Error, Result, Rng, Tensor};
+use trit::{DType, Device, Result, Rng, Tensor};
 
 /// Everything that defines a run.
 #[derive(Clone, Debug, PartialEq)]
@@ -209,14 +209,7 @@ pub fn settings() -> Result<Vec<Setting>> {
 /// `$TRIT_DATA/wordnet-3.0`, by default under `$HOME/.cache/trit/data`, where
 /// `scripts/fetch-wordnet.sh` puts WordNet.
 pub fn default_wordnet_dir() -> Result<PathBuf> {
-    let data = match std::env::var_os("TRIT_DATA") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").ok_or_else(|| {
-            Error::Msg("neither TRIT_DATA nor HOME is set; pass --data DIR".into())
-        })?)
-        .join(".cache/trit/data"),
-    };
-    Ok(data.join("wordnet-3.0"))
+    Ok(crate::paths::data_dir("--data DIR")?.join("wordnet-3.0"))
 }
 
 /// The (input, gloss) pairs a run trains and scores on.
