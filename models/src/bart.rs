@@ -41,9 +41,15 @@ impl BartQuant {
     /// TBT at E-W-A bits (1 = binary, 2 = ternary for embeddings and weights; activations 1, 2 or 8),
     /// in the paper's form.
     pub fn tbt(e: u32, w: u32, a: u32) -> Result<BartQuant> {
+        BartQuant::tbt_with(e, w, a, TbtForm::Paper)
+    }
+
+    /// [`BartQuant::tbt`] with the weight and embedding quantizers in `form` (the paper's equations or
+    /// the released code's).
+    pub fn tbt_with(e: u32, w: u32, a: u32, form: TbtForm) -> Result<BartQuant> {
         let weight = |bits: u32| match bits {
-            1 => Ok(Quantizer::TbtBinary(TbtForm::Paper)),
-            2 => Ok(Quantizer::TbtTernary(TbtForm::Paper)),
+            1 => Ok(Quantizer::TbtBinary(form)),
+            2 => Ok(Quantizer::TbtTernary(form)),
             _ => Err(Error::Msg(format!(
                 "TBT quantizes weights and embeddings to 1 or 2 bits, got {bits}"
             ))),

@@ -213,6 +213,16 @@ struct TbtArgs {
     /// The folder of WordNet's data.* files (default: $TRIT_DATA/wordnet-3.0).
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Keep the trained teacher in this safetensors file and reuse it while the model, data and
+    /// teacher settings match (students can then be rerun without retraining it).
+    #[arg(long, value_name = "FILE")]
+    teacher: Option<PathBuf>,
+    /// Run only these students, comma-separated: E-W-A labels (2-2-8) or label:method (1-1-8:BWN).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    students: Vec<String>,
+    /// TBT's quantizers as the paper writes them (paper) or as its released code computes them (code).
+    #[arg(long, value_name = "FORM", default_value = "paper")]
+    tbt_form: String,
 }
 
 fn run_recipe(cmd: &RecipeCommand) -> trit::Result<()> {
@@ -295,12 +305,26 @@ fn run_tbt(args: &TbtArgs) -> trit::Result<()> {
     cfg.teacher_steps = args.teacher_steps.unwrap_or(cfg.teacher_steps);
     cfg.eval_pairs = args.eval.unwrap_or(cfg.eval_pairs);
     cfg.seed = args.seed;
+    cfg.students = args.students.clone();
+    cfg.tbt_form = match args.tbt_form.as_str() {
+        "paper" => trit::quant::quantizers::TbtForm::Paper,
+        "code" => trit::quant::quantizers::TbtForm::Code,
+        other => trit::bail!("recipe tbt", "--tbt-form is paper or code, got {other:?}"),
+    };
+    if !cfg.students.is_empty() || args.tbt_form != "paper" {
+        cfg.name = format!(
+            "{}, {} students, {} form",
+            cfg.name,
+            cfg.students.join(" "),
+            args.tbt_form
+        );
+    }
     cfg.progress = true;
     let dir = match &args.data {
         Some(dir) => dir.clone(),
         None => default_wordnet_dir()?,
     };
-    let report = run(&cfg, &Data::load(&dir, &cfg)?)?;
+    let report = run(&cfg, &Data::load(&dir, &cfg)?, args.teacher.as_deref())?;
     if args.json {
         println!("{}", report.to_json());
     } else {

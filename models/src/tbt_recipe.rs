@@ -17,12 +17,15 @@ use crate::tbt::distillation_loss;
 use crate::wordnet::{self, Split};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use trit::io::safetensors::SafeTensors;
+use trit::io::tensors::tensors;
 use trit::nn::ParamStore;
 use trit::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer};
-use trit::quant::quantizers::Quantizer;
+use trit::quant::quantizers::{Quantizer, TbtForm};
 use trit::{DType, Device, Result, Rng, Tensor};
 
 /// Everything that defines a run.
@@ -47,6 +50,11 @@ pub struct RecipeConfig {
     pub eval_pairs: usize,
     pub beam: usize,
     pub seed: u64,
+    /// The TBT quantizers' form (the paper's equations by default).
+    pub tbt_form: TbtForm,
+    /// Run only the students whose E-W-A label ("2-2-8") or label:method ("2-2-8:TBT") is listed;
+    /// empty runs all of [`settings`].
+    pub students: Vec<String>,
     /// Progress bars and notes on stderr.
     pub progress: bool,
 }
@@ -81,6 +89,8 @@ impl RecipeConfig {
             eval_pairs: 100,
             beam: 4,
             seed: 0,
+            tbt_form: TbtForm::Paper,
+            students: Vec::new(),
             progress: false,
         }
     }
@@ -181,13 +191,18 @@ impl Setting {
 
 /// The students of the paper's table: TBT then the baseline at each of 2-2-8, 2-2-2, 1-1-8, 1-1-1.
 pub fn settings() -> Result<Vec<Setting>> {
+    settings_with(TbtForm::Paper)
+}
+
+/// [`settings`] with TBT's quantizers in `form`.
+pub fn settings_with(form: TbtForm) -> Result<Vec<Setting>> {
     let mut out = Vec::new();
     for bits in [[2, 2, 8], [2, 2, 2], [1, 1, 8], [1, 1, 1]] {
         let [e, w, a] = bits;
         out.push(Setting {
             bits,
             method: Method::Tbt,
-            quant: BartQuant::tbt(e, w, a)?,
+            quant: BartQuant::tbt_with(e, w, a, form)?,
         });
         let (method, q) = match w {
             2 => (Method::Twn, Quantizer::Twn),
@@ -204,6 +219,31 @@ pub fn settings() -> Result<Vec<Setting>> {
         });
     }
     Ok(out)
+}
+
+/// The students `cfg` asks for (see [`RecipeConfig::students`]), in [`settings`] order.
+pub fn selected_settings(cfg: &RecipeConfig) -> Result<Vec<Setting>> {
+    let all = settings_with(cfg.tbt_form)?;
+    let key = |s: &Setting| format!("{}:{}", s.label(), s.method).to_ascii_uppercase();
+    for want in &cfg.students {
+        let w = want.trim().to_ascii_uppercase();
+        if !all.iter().any(|s| s.label() == w || key(s) == w) {
+            trit::bail!(
+                "recipe tbt",
+                "no student {want:?}; choose E-W-A 2-2-8, 2-2-2, 1-1-8 or 1-1-1, optionally with                  :TBT, :TWN or :BWN"
+            );
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|s| {
+            cfg.students.is_empty()
+                || cfg.students.iter().any(|w| {
+                    let w = w.trim().to_ascii_uppercase();
+                    s.label() == w || key(s) == w
+                })
+        })
+        .collect())
 }
 
 /// `$TRIT_DATA/wordnet-3.0`, by default under `$HOME/.cache/trit/data`, where
@@ -518,6 +558,73 @@ pub fn train_teacher(cfg: &RecipeConfig, data: &Data) -> Result<(ParamStore, Bar
     Ok((params, model, log))
 }
 
+/// What a cached teacher must have been trained with to stand in for this run's.
+fn teacher_key(cfg: &RecipeConfig, data: &Data) -> String {
+    format!(
+        "{:?} source {} target {} train pairs {} batch {} steps {} lr {} seed {}",
+        cfg.model,
+        cfg.max_source,
+        cfg.max_target,
+        data.train.len(),
+        cfg.batch,
+        cfg.teacher_steps,
+        cfg.teacher_lr,
+        cfg.seed
+    )
+}
+
+/// The teacher from `path` when the file holds one trained with this run's settings (its metadata
+/// says so), else [`train_teacher`] and saved to `path` (atomically), with its training log.
+pub fn cached_teacher(
+    cfg: &RecipeConfig,
+    data: &Data,
+    path: &Path,
+) -> Result<(ParamStore, Bart, TrainLog)> {
+    let key = teacher_key(cfg, data);
+    if path.exists() {
+        let file = SafeTensors::open(path)?;
+        let meta = file.metadata();
+        if meta.get("tbt_teacher") == Some(&key) {
+            let params = ParamStore::new(cfg.seed, DType::F32, Device::Cpu);
+            let model = Bart::new(&params, cfg.model)?;
+            params.load(&tensors(&file, Device::Cpu)?)?;
+            let losses: Vec<f32> = meta
+                .get("losses")
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or_default();
+            let seconds = meta
+                .get("seconds")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            note(cfg, format!("teacher: read from {}", path.display()));
+            return Ok((params, model, TrainLog { losses, seconds }));
+        }
+        note(
+            cfg,
+            format!(
+                "{} holds a teacher for another setting: training a new one",
+                path.display()
+            ),
+        );
+    }
+    let (params, model, log) = train_teacher(cfg, data)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| trit::Error::Msg(format!("{}: {e}", dir.display())))?;
+    }
+    let meta = BTreeMap::from([
+        ("tbt_teacher".to_string(), key),
+        (
+            "losses".to_string(),
+            serde_json::json!(log.losses).to_string(),
+        ),
+        ("seconds".to_string(), log.seconds.to_string()),
+    ]);
+    trit::io::tensors::save(path, &params.all(), &meta)?;
+    note(cfg, format!("teacher: saved to {}", path.display()));
+    Ok((params, model, log))
+}
+
 /// A student of `setting`, initialised from the teacher and distilled from it (TBT's loss) for
 /// `cfg.student_steps`; returned unfrozen, with its parameters.
 pub fn train_student(
@@ -620,7 +727,9 @@ fn summary(r: &ModelResult) -> String {
 
 /// The whole recipe on `data`: the teacher, then every student of [`settings`], each scored as it
 /// finishes (the students with packed weights).
-pub fn run(cfg: &RecipeConfig, data: &Data) -> Result<Report> {
+/// The whole recipe. With `teacher_file`, the teacher is read from it when it was trained for this
+/// run's model, data and teacher settings, else trained and saved there (see [`cached_teacher`]).
+pub fn run(cfg: &RecipeConfig, data: &Data, teacher_file: Option<&Path>) -> Result<Report> {
     cfg.validate()?;
     let started = Instant::now();
     note(
@@ -633,7 +742,10 @@ pub fn run(cfg: &RecipeConfig, data: &Data) -> Result<Report> {
             data.eval.len()
         ),
     );
-    let (teacher_params, teacher, log) = train_teacher(cfg, data)?;
+    let (teacher_params, teacher, log) = match teacher_file {
+        Some(path) => cached_teacher(cfg, data, path)?,
+        None => train_teacher(cfg, data)?,
+    };
     let parameters = teacher_params.num_parameters();
     let fp = ModelResult {
         setting: "FP".into(),
@@ -645,7 +757,7 @@ pub fn run(cfg: &RecipeConfig, data: &Data) -> Result<Report> {
     };
     note(cfg, summary(&fp));
     let mut rows = vec![fp];
-    for setting in settings()? {
+    for setting in selected_settings(cfg)? {
         let (params, mut student, log) =
             train_student(cfg, data, &teacher_params, &teacher, &setting)?;
         let packed = student.freeze()?;

@@ -7,17 +7,27 @@
 #[allow(dead_code)]
 mod common;
 
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use trit::nn::ParamStore;
 use trit::{DType, Device};
 use trit_models::bart::Bart;
 use trit_models::seq2seq;
 use trit_models::tbt_recipe::{
-    evaluate, run, settings, train_student, Data, Method, RecipeConfig, Report,
+    cached_teacher, evaluate, run, selected_settings, settings, train_student, Data, Method,
+    RecipeConfig, Report,
 };
 
 fn data(cfg: &RecipeConfig) -> Data {
     Data::load(&common::wordnet_dir(), cfg).expect("WordNet loads")
+}
+
+/// Where the quick run keeps its teacher.
+fn teacher_file() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "trit-tbt-teacher-{}.safetensors",
+        std::process::id()
+    ))
 }
 
 /// The quick recipe, run once for every test that reads its report.
@@ -26,10 +36,50 @@ fn quick() -> &'static (Data, Report) {
     RUN.get_or_init(|| {
         let cfg = RecipeConfig::quick();
         let data = data(&cfg);
-        let report = run(&cfg, &data).expect("the quick recipe runs");
+        let _ = std::fs::remove_file(teacher_file());
+        let report = run(&cfg, &data, Some(&teacher_file())).expect("the quick recipe runs");
         eprintln!("{}", report.table());
         (data, report)
     })
+}
+
+#[test]
+fn the_saved_teacher_is_reused_as_it_was() {
+    let (data, report) = quick();
+    let cfg = &report.config;
+    let (_, teacher, log) = cached_teacher(cfg, data, &teacher_file()).expect("it loads");
+    let fp = &report.rows[0];
+    assert_eq!(log, fp.train, "the training log travels with it");
+    let eval = evaluate(cfg, &teacher, &data.eval, "reloaded").unwrap();
+    assert_eq!(eval.rouge, fp.eval.rouge, "it decodes as it did");
+    // A file that is not a safetensors file is an error, not a retrain over it.
+    let bad = std::env::temp_dir().join(format!("trit-tbt-bad-{}.safetensors", std::process::id()));
+    std::fs::write(&bad, b"not a safetensors file").unwrap();
+    assert!(cached_teacher(cfg, data, &bad).is_err());
+    std::fs::remove_file(&bad).unwrap();
+}
+
+#[test]
+fn students_can_be_picked_by_bits_and_method() {
+    let pick = |list: &[&str]| {
+        let cfg = RecipeConfig {
+            students: list.iter().map(|s| s.to_string()).collect(),
+            ..RecipeConfig::quick()
+        };
+        selected_settings(&cfg).map(|v| {
+            v.iter()
+                .map(|s| format!("{}:{}", s.label(), s.method))
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(pick(&[]).unwrap().len(), 8);
+    assert_eq!(pick(&["2-2-8"]).unwrap(), ["2-2-8:TBT", "2-2-8:TWN"]);
+    assert_eq!(
+        pick(&["1-1-1:bwn", "2-2-2:TBT"]).unwrap(),
+        ["2-2-2:TBT", "1-1-1:BWN"]
+    );
+    assert!(pick(&["3-3-3"]).is_err());
+    assert!(pick(&["2-2-8:BWN"]).is_err());
 }
 
 #[test]
