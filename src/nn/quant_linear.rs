@@ -6,6 +6,7 @@
 //! runs the packed kernels, with activations fed as the integer codes their quantizer produced, so the
 //! frozen layer computes the same function within floating-point summation error.
 
+use super::linear::llm_qat_quantizer;
 use super::params::{Init, ParamStore};
 use crate::cpu::qmatmul::{self, ActMode, BinaryActs, Int8Acts, QIsa};
 use crate::error::{Error, Result};
@@ -44,16 +45,8 @@ impl QuantLinearConfig {
                 bits: w_bits,
                 symmetric: true,
             },
-            act: match a_bits {
-                Some(bits) if bits < 16 => ActQuant::Rule(
-                    Quantizer::LlmQat {
-                        bits,
-                        symmetric: true,
-                    },
-                    Granularity::PerRow,
-                ),
-                _ => ActQuant::None,
-            },
+            act: llm_qat_quantizer(a_bits)
+                .map_or(ActQuant::None, |q| ActQuant::Rule(q, Granularity::PerRow)),
             bias: false,
         }
     }
