@@ -219,6 +219,23 @@ fn llm_qat_asymmetric_by_hand() {
     assert_eq!(parts.offsets, Some(vec![-1.0]));
 }
 
+#[test]
+fn min_max_one_bit_asymmetric_by_hand() {
+    // Codes {0, 1}: values min and max. [0.1, 0.3, 0.34, 0.9]: s = 1/(0.8 + 1e−6), (x − 0.1)·s =
+    // [0, 0.25, 0.3, 0.99999] → codes [0, 0, 0, 1], values [0.1, 0.1, 0.1, 0.1 + 1/s]. Identity STE.
+    let q = Quantizer::MinMax {
+        bits: 1,
+        symmetric: false,
+    };
+    let (y, g) = forward_and_grad(q, &[0.1, 0.3, 0.34, 0.9], &[4], PerRow);
+    assert_near("values", &y, &[0.1, 0.1, 0.1, 0.900001], 1e-6);
+    assert_eq!(g, masked(&[1, 1, 1, 1]));
+    let parts = q
+        .parts(&tensor(&[0.1, 0.3, 0.34, 0.9], &[4]), PerRow)
+        .unwrap();
+    assert_eq!(parts.codes, [0, 0, 0, 1]);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // f64 reference, written from the formulas in papers.md
 
@@ -366,6 +383,10 @@ fn all_quantizers() -> Vec<Quantizer> {
             qs.push(Quantizer::MinMax { bits, symmetric });
         }
     }
+    qs.push(Quantizer::MinMax {
+        bits: 1,
+        symmetric: false,
+    });
     qs
 }
 
@@ -850,7 +871,7 @@ fn bad_input_is_an_error_not_a_panic() {
             },
             Quantizer::MinMax {
                 bits,
-                symmetric: false,
+                symmetric: bits == 1,
             },
         ] {
             assert!(q.fake_quant(&w, PerRow).is_err(), "{q:?}");

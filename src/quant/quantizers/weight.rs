@@ -52,7 +52,8 @@ pub enum Quantizer {
     LlmQat { bits: u32, symmetric: bool },
     /// Min-max round-to-nearest: the arithmetic of [`Quantizer::LlmQat`] (so PTQ and QAT differ only by
     /// training) with the identity STE, since the min-max range clips nothing. Per row it is the
-    /// round-to-nearest PTQ baseline; per tensor, TBT's 8-bit activation quantizer. N in 2..=8.
+    /// round-to-nearest PTQ baseline; per tensor, TBT's 8-bit activation quantizer. N in 2..=8, or 1 for
+    /// the asymmetric form (codes {0, 1}: values min and max).
     MinMax { bits: u32, symmetric: bool },
     /// TWN: Δ = 0.7·mean|w|, α = mean of |w| over |w| > Δ, code = sign(w) where |w| > Δ and 0 elsewhere,
     /// value α·code (0 for an all-zero row). Identity STE.
@@ -98,8 +99,18 @@ impl Quantizer {
 
     pub(crate) fn check(self) -> Result<()> {
         if let Quantizer::LlmQat { bits, .. } | Quantizer::MinMax { bits, .. } = self {
-            if !(2..=8).contains(&bits) {
-                crate::bail!(self.name(), "bits must be in 2..=8, got {bits}");
+            let one_bit = matches!(
+                self,
+                Quantizer::MinMax {
+                    bits: 1,
+                    symmetric: false
+                }
+            );
+            if !(2..=8).contains(&bits) && !one_bit {
+                crate::bail!(
+                    self.name(),
+                    "bits must be in 2..=8 (or 1 for asymmetric min-max), got {bits}"
+                );
             }
         }
         Ok(())
