@@ -138,9 +138,10 @@ enum RecipeCommand {
     /// TBT (ternary and binary transformers, Liu et al. 2023) on WordNet 3.0 definition modelling.
     ///
     /// Trains a full-precision BART-style teacher, then distills TBT students at E-W-A 2-2-8, 2-2-2,
-    /// 1-1-8 and 1-1-1 and the TWN/BWN baselines at the same bits from it, and prints ROUGE-1/2/L on
-    /// test synsets (beam 4), each model's size with packed weights and its decoding tokens/s. Reads
-    /// WordNet from $TRIT_DATA/wordnet-3.0 (scripts/fetch-wordnet.sh puts it there).
+    /// 1-1-8 and 1-1-1 and the baselines at the same bits (TWN/BWN weights, activations by fixed
+    /// per-tensor rules instead of TBT's learned steps) from it, and prints ROUGE-1/2/L on test synsets
+    /// (beam 4), each model's size with packed weights and its decoding tokens/s. Reads WordNet from
+    /// $TRIT_DATA/wordnet-3.0 (scripts/fetch-wordnet.sh puts it there).
     Tbt(TbtArgs),
     /// LLM-QAT (data-free quantization-aware training, Liu et al. 2023) on SmolLM2-135M-Instruct.
     ///
@@ -220,7 +221,8 @@ struct TbtArgs {
     /// Run only these students, comma-separated: E-W-A labels (2-2-8) or label:method (1-1-8:BWN).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     students: Vec<String>,
-    /// TBT's quantizers as the paper writes them (paper) or as its released code computes them (code).
+    /// TBT's linear-weight quantizers as the paper writes them (paper) or as its released code computes
+    /// them (code). The token table takes the code's form in both.
     #[arg(long, value_name = "FORM", default_value = "paper")]
     tbt_form: String,
 }

@@ -5,10 +5,13 @@
 //! fixed subset of the test split with beam-4 decoding (ROUGE-1/2/L), the students with their weights
 //! packed, and the table reports each model's size when packed and its decoding speed.
 //!
-//! The baselines differ from TBT only in the weight and embedding quantizer (TWN for 2 bits, BWN for
-//! 1 bit): same activation quantizers, same initialisation, same distillation, same steps.
+//! The baselines are the quantizers TBT improves on, trained the same way (same initialisation, same
+//! distillation, same steps): TWN (2 bits) or BWN (1 bit) for the weights and the token table, and
+//! activations by fixed per-tensor rules with nothing learned ([`LowBitActs::MinMax`]: min-max at 2 and
+//! 8 bits, XNOR-Net's mean|x|·sign(x) at 1 bit) where TBT learns each tensor's step (its elastic
+//! quantizer). At 8 bits both use the same min-max activations, so only the weights differ.
 
-use crate::bart::{init_student_from, Bart, BartConfig, BartQuant};
+use crate::bart::{init_student_from, Bart, BartConfig, BartQuant, LowBitActs};
 use crate::beam::BeamConfig;
 use crate::demo::thousands;
 use crate::rouge::{self, Rouge};
@@ -61,10 +64,9 @@ pub struct RecipeConfig {
 
 impl RecipeConfig {
     /// The full run: papers.md's small reproduction (d 128, 2+2 layers), sized to finish within an hour
-    /// on 2 cores. Measured on the 2-core dev machine: a teacher step of batch 32 takes ~0.31 s, a
-    /// student step (the teacher's forward, the fake-quantized student's forward and backward) ~0.52 s,
-    /// and beam-4 decoding without a KV cache 0.5–1.2 s per test pair, so 2000 + 8 × 300 steps and
-    /// 9 × 100 decodes come to ~40–48 minutes.
+    /// on 2 cores. Measured on the 2-core dev machine: the teacher's 2000 steps took 1004 s (with a CI
+    /// run sharing the cores); each student ~300 s, of which its 300 steps take 160–190 s and the rest
+    /// is 100 beam-4 decodes without a KV cache; 3511 s (58.5 min) in all.
     pub fn full() -> Self {
         RecipeConfig {
             name: "full".into(),
@@ -215,6 +217,7 @@ pub fn settings_with(form: TbtForm) -> Result<Vec<Setting>> {
                 embedding: Some(q),
                 weight: q,
                 act_bits: Some(a),
+                low_bit_acts: LowBitActs::MinMax,
             },
         });
     }
