@@ -237,10 +237,11 @@ fn packed_students_compute_their_fake_quantized_logits() {
         let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
         // The packed kernels sum in another order: a few ulps, except that 8-bit per-tensor inputs have
         // so many levels that such a difference can move a value across a rounding boundary now and
-        // then, one 8-bit step (1/127 of the range) that later layers carry to the logits. The
-        // baselines' fixed 1- and 2-bit rules are coarser still: a code that such a difference flips (a
-        // sign near 0, a value near a threshold at a fixed fraction of the tensor's range) is a whole
-        // step of mean|x| or max|x|, and this barely trained student's logits span only ~1.
+        // then, one 8-bit step (1/127 of the range) that later layers carry to the logits. The BWN
+        // baseline's 1-bit rule mean|x|·sign(x) differs by more (with a 2-bit
+        // min-max rule in its place the packed logits agree within 1e−5): a value within ulps of 0 —
+        // likely GELU's output for a strongly negative input — can change sign with the summation order,
+        // and a flipped sign is a whole step of mean|x|. This barely trained student's logits span ~1.
         let fixed_low_bit = setting.bits[2] < 8 && setting.quant.low_bit_acts == LowBitActs::MinMax;
         let (bound, mean_bound) = match (setting.bits[2], fixed_low_bit) {
             (_, true) => (1e-2, 1e-3),
