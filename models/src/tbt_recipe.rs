@@ -64,9 +64,9 @@ pub struct RecipeConfig {
 
 impl RecipeConfig {
     /// The full run: papers.md's small reproduction (d 128, 2+2 layers), sized to finish within an hour
-    /// on 2 cores. Measured on the 2-core dev machine: the teacher's 2000 steps took 1004 s (with a CI
-    /// run sharing the cores); each student ~300 s, of which its 300 steps take 160–190 s and the rest
-    /// is 100 beam-4 decodes without a KV cache; 3511 s (58.5 min) in all.
+    /// on 2 cores. Measured on the 2-core dev machine: the teacher's 2000 steps take 671 s; each
+    /// student ~300 s, of which its 300 steps take 160–190 s and the rest is 100 beam-4 decodes without
+    /// a KV cache; 3161 s (52.7 min) in all.
     pub fn full() -> Self {
         RecipeConfig {
             name: "full".into(),
